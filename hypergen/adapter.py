@@ -1,0 +1,149 @@
+"""A generated LoRA: its tensors, its PEFT config, and the two ways it leaves the process.
+
+``save_peft`` writes the folder that ``peft.PeftModel.from_pretrained`` and vLLM's
+``LoRARequest`` load. ``to_bytes`` writes one self-describing safetensors blob for
+caches: the PEFT config and a SHA-256 of the tensor section ride in its metadata,
+and ``from_bytes`` refuses a blob whose checksum does not match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, load_file, save, save_file
+
+from hypergen.errors import CorruptAdapterError
+from hypergen.task import canonical_json
+
+BLOB_FORMAT = "hypergen-adapter/1"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_MLP_MODULES = {"gate_proj", "up_proj", "down_proj"}
+
+
+def peft_key(layer: int, module: str, which: str) -> str:
+    """PEFT's state-dict name for one LoRA matrix of a Llama-style decoder (which = 'A' or 'B')."""
+    block = "mlp" if module in _MLP_MODULES else "self_attn"
+    return f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{which}.weight"
+
+
+@dataclass
+class Adapter:
+    """LoRA tensors keyed by PEFT names, plus what PEFT needs to rebuild the config."""
+
+    tensors: dict[str, torch.Tensor]
+    base_model: str
+    target_modules: list[str]
+    rank: int
+    alpha: float
+    task_hash: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def peft_config(self) -> dict[str, Any]:
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "target_modules": list(self.target_modules),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "use_rslora": False,
+            "use_dora": False,
+        }
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def layer_weights(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensors[peft_key(layer, module, "A")], self.tensors[peft_key(layer, module, "B")]
+
+    def save_peft(self, directory: str | Path) -> Path:
+        """Writes a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self._contiguous(), str(directory / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / PEFT_CONFIG_FILE).write_text(json.dumps(self.peft_config(), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load_peft(cls, directory: str | Path) -> "Adapter":
+        directory = Path(directory)
+        config = json.loads((directory / PEFT_CONFIG_FILE).read_text())
+        return cls(
+            tensors=load_file(str(directory / PEFT_WEIGHTS_FILE)),
+            base_model=config.get("base_model_name_or_path") or "",
+            target_modules=list(config["target_modules"]),
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+        )
+
+    def to_bytes(self) -> bytes:
+        """One blob: safetensors whose metadata holds the PEFT config and a checksum."""
+        body = save(self._contiguous())
+        info = {
+            "format": BLOB_FORMAT,
+            "peft_config": self.peft_config(),
+            "task_hash": self.task_hash,
+            "meta": self.meta,
+            "sha256": _payload_digest(body),
+        }
+        return save(self._contiguous(), metadata={"hypergen": canonical_json(info)})
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "Adapter":
+        """Parses and verifies a blob from ``to_bytes``; raises CorruptAdapterError on any damage."""
+        try:
+            header = _read_header(blob)
+            info = json.loads(header["__metadata__"]["hypergen"])
+            if info.get("format") != BLOB_FORMAT:
+                raise ValueError(f"format {info.get('format')!r}")
+            if _payload_digest(blob) != info["sha256"]:
+                raise ValueError("checksum mismatch")
+            tensors = load(blob)
+            config = info["peft_config"]
+        except CorruptAdapterError:
+            raise
+        except Exception as exc:  # any parse failure means the bytes are not a sound adapter
+            raise CorruptAdapterError(f"adapter blob is damaged ({exc})", "adapter") from None
+        return cls(
+            tensors=tensors,
+            base_model=config["base_model_name_or_path"],
+            target_modules=list(config["target_modules"]),
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            task_hash=info.get("task_hash"),
+            meta=info.get("meta") or {},
+        )
+
+    def _contiguous(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+
+
+def _read_header(blob: bytes) -> dict[str, Any]:
+    if len(blob) < 8:
+        raise CorruptAdapterError("adapter blob is truncated", "adapter")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        raise CorruptAdapterError("adapter blob header is truncated", "adapter")
+    return json.loads(blob[8 : 8 + n])
+
+
+def _payload_digest(blob: bytes) -> str:
+    """SHA-256 over the tensor table (names, dtypes, shapes, offsets) and the tensor bytes."""
+    header = _read_header(blob)
+    header.pop("__metadata__", None)
+    (n,) = struct.unpack("<Q", blob[:8])
+    digest = hashlib.sha256(canonical_json(header).encode())
+    digest.update(blob[8 + n :])
+    return digest.hexdigest()

@@ -1,0 +1,189 @@
+"""HyperGenerator: the one object that turns tasks into adapters.
+
+It owns the frozen task encoder and the hypernetwork, knows the LoRA spec and the
+checkpoint fingerprint, and therefore the task hash. Everything that serves
+adapters (CLI, server, evaluation) goes through it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from hypergen.adapter import Adapter, peft_key
+from hypergen.base_model import load_dims
+from hypergen.encoder import TaskEncoder
+from hypergen.errors import CheckpointError
+from hypergen.hypernet import HyperNetConfig, HyperNetwork
+from hypergen.settings import DEFAULT_BASE_MODEL, DEFAULT_CHECKPOINT, DEFAULT_ENCODER
+from hypergen.spec import LoraSpec
+from hypergen.task import Task, task_hash
+
+log = logging.getLogger(__name__)
+
+
+def packaged_checkpoint() -> Path:
+    """The checkpoint shipped inside the package (may be absent in a source tree before training)."""
+    return Path(str(resources.files("hypergen") / "checkpoints" / "default"))
+
+
+@dataclass
+class TaskBatch:
+    """Encoder embeddings of several tasks, padded into the hypernetwork's set layout."""
+
+    items: torch.Tensor  # [T, 1 + K, E]
+    kinds: torch.Tensor  # [T, 1 + K]
+    mask: torch.Tensor  # [T, 1 + K]
+
+
+def encode_tasks(encoder: TaskEncoder, tasks: Sequence[Task], device: str = "cpu") -> TaskBatch:
+    """One encoder call for every text of every task; an empty instruction is masked out."""
+    texts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for task in tasks:
+        instruction, demos = task.encoder_texts()
+        start = len(texts)
+        texts.append(instruction)
+        texts.extend(demos)
+        spans.append((start, len(texts)))
+    emb = encoder.embed(texts).to(device)
+    width = max(end - start for start, end in spans)
+    items = torch.zeros(len(tasks), width, encoder.dim, device=device)
+    kinds = torch.ones(len(tasks), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(tasks), width, dtype=torch.bool, device=device)
+    for t, ((start, end), task) in enumerate(zip(spans, tasks)):
+        items[t, : end - start] = emb[start:end]
+        mask[t, : end - start] = True
+        kinds[t, 0] = 0
+        mask[t, 0] = bool(task.normalized_instruction)
+    return TaskBatch(items, kinds, mask)
+
+
+class HyperGenerator:
+    """Task in, Adapter out, in one hypernetwork forward pass."""
+
+    def __init__(
+        self,
+        network: HyperNetwork,
+        encoder: TaskEncoder,
+        fingerprint: str,
+        base_model: str,
+        checkpoint: str,
+        device: str = "cpu",
+    ) -> None:
+        self.network = network.to(device).eval()
+        self.encoder = encoder
+        self.fingerprint = fingerprint
+        self.base_model = base_model
+        self.checkpoint = checkpoint
+        self.device = device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | Path = DEFAULT_CHECKPOINT,
+        base_model: str | None = None,
+        device: str = "cpu",
+    ) -> "HyperGenerator":
+        """Loads a checkpoint folder, or 'default' for the packaged one, and checks it fits the base.
+
+        With 'default' and no trained checkpoint in the package (a source tree
+        before training), an untrained network for the base model is built
+        from seed 0: its adapters are no-ops, and ``info()`` says so.
+        """
+        if str(checkpoint) == DEFAULT_CHECKPOINT:
+            path = packaged_checkpoint()
+            if not (path / "config.json").is_file():
+                log.warning("no trained checkpoint is packaged; using an untrained (no-op) hypernetwork")
+                return cls.untrained(base_model or DEFAULT_BASE_MODEL, device=device)
+        else:
+            path = Path(checkpoint).expanduser()
+        network, fingerprint = HyperNetwork.load(path, device=device)
+        base = base_model or network.config.base_model
+        network.config.check_base(load_dims(base))
+        encoder = TaskEncoder(network.config.encoder, device=device)
+        if encoder.dim != network.config.encoder_dim:
+            raise CheckpointError(
+                f"encoder {network.config.encoder!r} gives {encoder.dim}-d vectors; the checkpoint expects {network.config.encoder_dim}",
+                "encoder",
+            )
+        return cls(network, encoder, fingerprint, base, str(path), device)
+
+    @classmethod
+    def untrained(
+        cls,
+        base_model: str = DEFAULT_BASE_MODEL,
+        spec_overrides: dict[str, Any] | None = None,
+        encoder: str = DEFAULT_ENCODER,
+        seed: int = 0,
+        device: str = "cpu",
+        **sizes: Any,
+    ) -> "HyperGenerator":
+        """A freshly initialised network for a base model: the starting point of training."""
+        spec = LoraSpec(dims=load_dims(base_model), **(spec_overrides or {}))
+        enc = TaskEncoder(encoder, device=device)
+        config = HyperNetConfig.for_spec(spec, base_model, encoder, enc.dim, **sizes)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            network = HyperNetwork(config)
+        return cls(network, enc, network.fingerprint(), base_model, f"untrained(seed={seed})", device)
+
+    @property
+    def spec(self) -> LoraSpec:
+        return self.network.spec
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.network.config.training)
+
+    def task_hash(self, task: Task) -> str:
+        return task_hash(task, self.fingerprint, self.spec.to_dict())
+
+    def generate(self, task: Task) -> Adapter:
+        return self.generate_many([task])[0]
+
+    @torch.inference_mode()
+    def generate_many(self, tasks: Sequence[Task]) -> list[Adapter]:
+        """One batched encoder call and one batched hypernetwork pass for all tasks."""
+        if not tasks:
+            return []
+        batch = encode_tasks(self.encoder, tasks, self.device)
+        weights = self.network(batch.items, batch.kinds, batch.mask)
+        return [self._adapter(t, task, weights) for t, task in enumerate(tasks)]
+
+    def _adapter(self, t: int, task: Task, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Adapter:
+        tensors: dict[str, torch.Tensor] = {}
+        for module, (a, b) in weights.items():
+            for layer in range(self.spec.num_layers):
+                tensors[peft_key(layer, module, "A")] = a[t, layer].float().cpu().clone()
+                tensors[peft_key(layer, module, "B")] = b[t, layer].float().cpu().clone()
+        return Adapter(
+            tensors=tensors,
+            base_model=self.base_model,
+            target_modules=list(self.spec.target_modules),
+            rank=self.spec.rank,
+            alpha=self.spec.alpha,
+            task_hash=self.task_hash(task),
+            meta={"hypernetwork": self.fingerprint},
+        )
+
+    def info(self) -> dict[str, Any]:
+        """What `hypergen info` prints and the server reports."""
+        n_params = sum(p.numel() for p in self.network.parameters())
+        return {
+            "base_model": self.base_model,
+            "base_dims": self.network.config.base_dims,
+            "encoder": self.network.config.encoder,
+            "checkpoint": self.checkpoint,
+            "hypernetwork_fingerprint": self.fingerprint,
+            "trained": self.trained,
+            "training": self.network.config.training,
+            "lora_spec": self.spec.to_dict(),
+            "hypernetwork_params": n_params,
+            "adapter_params": self.spec.num_adapter_params(),
+            "encoder_params": sum(p.numel() for p in self.encoder.model.parameters()),
+        }

@@ -1,0 +1,236 @@
+"""The hypernetwork: task embeddings in, LoRA A/B matrices for every (layer, module) out.
+
+Text-to-LoRA's shape: a task vector, a learned layer embedding and a learned
+module embedding go through a shared residual MLP; one output head per module
+type emits A [r, in] and B [out, r]. All layers of a module, for all tasks in a
+batch, come out of one batched matmul. The task vector itself is a learned
+attention pooling over the frozen encoder's embeddings of the instruction and of
+each demo, so any number of demos (0..32) works.
+
+Initialisation makes an untrained network a no-op: B is exactly zero and A
+equals PEFT's default init, so training starts from the base model's behaviour.
+B is also scaled by ``b_scale`` (0.02), which kept training stable in our runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from hypergen.errors import CheckpointError
+from hypergen.spec import LoraSpec, ModelDims
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class HyperNetConfig:
+    """Everything needed to rebuild the network and check it fits a base model."""
+
+    base_model: str
+    base_dims: dict[str, Any]
+    target_modules: list[str]
+    rank: int
+    alpha: float
+    encoder: str
+    encoder_dim: int
+    d_model: int = 256
+    d_hidden: int = 512
+    n_blocks: int = 2
+    n_pool_heads: int = 4
+    b_scale: float = 0.02
+    format_version: int = FORMAT_VERSION
+    training: dict[str, Any] = field(default_factory=dict)  # provenance written by the trainer
+
+    @property
+    def dims(self) -> ModelDims:
+        return ModelDims(**self.base_dims)
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(dims=self.dims, target_modules=tuple(self.target_modules), rank=self.rank, alpha=self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["base_fingerprint"] = self.dims.fingerprint()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HyperNetConfig":
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint format version {version!r} is not supported (this hypergen reads {FORMAT_VERSION})",
+                "checkpoint",
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def for_spec(cls, spec: LoraSpec, base_model: str, encoder: str, encoder_dim: int, **sizes: Any) -> "HyperNetConfig":
+        return cls(
+            base_model=base_model,
+            base_dims=asdict(spec.dims),
+            target_modules=list(spec.target_modules),
+            rank=spec.rank,
+            alpha=spec.alpha,
+            encoder=encoder,
+            encoder_dim=encoder_dim,
+            **sizes,
+        )
+
+    def check_base(self, dims: ModelDims) -> None:
+        """Fails, naming the differing dimensions, when the checkpoint was made for another model."""
+        mine = self.base_dims
+        theirs = asdict(dims)
+        diff = [f"{k}: checkpoint {mine.get(k)!r} vs model {theirs[k]!r}" for k in theirs if mine.get(k) != theirs[k]]
+        if diff:
+            raise CheckpointError(
+                f"the hypernetwork was trained for {self.base_model!r}, whose dimensions differ from this base model's ("
+                + "; ".join(diff)
+                + ")",
+                "base_model",
+            )
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(nn.functional.silu(self.fc1(self.norm(x))))
+
+
+class SetPooling(nn.Module):
+    """Attention of one learned query over [instruction, demo_1..demo_k] embeddings."""
+
+    def __init__(self, encoder_dim: int, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(encoder_dim, d_model)
+        self.kind = nn.Embedding(2, d_model)  # 0: instruction, 1: demo
+        self.query = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, items: torch.Tensor, kinds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """items [T, N, E], kinds [T, N] long, mask [T, N] bool (True = present) -> [T, d_model]."""
+        tokens = self.proj(items) + self.kind(kinds)
+        query = self.query.expand(items.shape[0], -1, -1)
+        pooled, _ = self.attn(query, tokens, tokens, key_padding_mask=~mask, need_weights=False)
+        mean = (tokens * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return self.norm(pooled.squeeze(1) + mean)
+
+
+class HyperNetwork(nn.Module):
+    def __init__(self, config: HyperNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        spec = config.spec()
+        self.spec = spec
+        d, h = config.d_model, config.d_hidden
+        self.pool = SetPooling(config.encoder_dim, d, config.n_pool_heads)
+        self.layer_emb = nn.Embedding(spec.num_layers, d)
+        self.module_emb = nn.Embedding(len(spec.target_modules), d)
+        self.mix = nn.Linear(3 * d, h)
+        self.blocks = nn.Sequential(*[ResidualBlock(h) for _ in range(config.n_blocks)])
+        self.out_norm = nn.LayerNorm(h)
+        self.a_heads = nn.ModuleDict()
+        self.b_heads = nn.ModuleDict()
+        for m in spec.target_modules:
+            r, fan_in = spec.a_shape(m)
+            out, _ = spec.b_shape(m)
+            self.a_heads[m] = nn.Linear(h, r * fan_in)
+            self.b_heads[m] = nn.Linear(h, out * r)
+        self.reset_heads()
+
+    @torch.no_grad()
+    def reset_heads(self) -> None:
+        """Zero head weights; A's bias drawn like PEFT's A init, B's bias zero (adapter = no-op)."""
+        for m in self.spec.target_modules:
+            fan_in = self.spec.a_shape(m)[1]
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)), as PEFT initialises lora_A
+            nn.init.zeros_(self.a_heads[m].weight)
+            nn.init.uniform_(self.a_heads[m].bias, -bound, bound)
+            nn.init.zeros_(self.b_heads[m].weight)
+            nn.init.zeros_(self.b_heads[m].bias)
+
+    def task_vectors(self, items: torch.Tensor, kinds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.pool(items, kinds, mask)
+
+    def forward(
+        self, items: torch.Tensor, kinds: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns {module: (A [T, L, r, in], B [T, L, out, r])} for T tasks and all L layers."""
+        task = self.task_vectors(items, kinds, mask)  # [T, d]
+        n_tasks, n_layers = task.shape[0], self.spec.num_layers
+        layers = self.layer_emb.weight.unsqueeze(0).expand(n_tasks, -1, -1)  # [T, L, d]
+        task_l = task.unsqueeze(1).expand(-1, n_layers, -1)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for j, m in enumerate(self.spec.target_modules):
+            module = self.module_emb.weight[j].expand(n_tasks, n_layers, -1)
+            hidden = self.out_norm(self.blocks(self.mix(torch.cat([task_l, layers, module], dim=-1))))
+            r, fan_in = self.spec.a_shape(m)
+            fan_out = self.spec.b_shape(m)[0]
+            a = self.a_heads[m](hidden).view(n_tasks, n_layers, r, fan_in)
+            b = (self.b_heads[m](hidden) * self.config.b_scale).view(n_tasks, n_layers, fan_out, r)
+            out[m] = (a, b)
+        return out
+
+    # --- checkpoint folder ---------------------------------------------------
+
+    def weights_bytes(self, dtype: torch.dtype | None = None) -> bytes:
+        state = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in self.state_dict().items()}
+        return save(state, metadata={"format": "pt"})
+
+    def fingerprint(self) -> str:
+        """Identity of this exact network (config + weights), used in every task hash."""
+        return _fingerprint(self.config, self.weights_bytes())
+
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / WEIGHTS_FILE).write_bytes(self.weights_bytes(dtype))
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> tuple["HyperNetwork", str]:
+        """Loads a checkpoint folder (safetensors + JSON only); returns (network, fingerprint)."""
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise CheckpointError(f"{directory} is not a hypernetwork checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})", "checkpoint")
+        config = HyperNetConfig.from_dict(json.loads(cfg_path.read_text()))
+        net = cls(config)
+        state = load_file(str(w_path))
+        missing, unexpected = set(net.state_dict()) - set(state), set(state) - set(net.state_dict())
+        if missing or unexpected:
+            raise CheckpointError(
+                f"weights do not match the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
+                "checkpoint",
+            )
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+        return net.to(device).eval(), _fingerprint(config, w_path.read_bytes())
+
+
+def _config_digest(config: HyperNetConfig) -> bytes:
+    from hypergen.task import canonical_json
+
+    data = config.to_dict()
+    data.pop("training", None)  # provenance only; does not change what the network computes
+    return hashlib.sha256(canonical_json(data).encode()).digest()
+
+
+def _fingerprint(config: HyperNetConfig, weights: bytes) -> str:
+    return hashlib.sha256(_config_digest(config) + hashlib.sha256(weights).digest()).hexdigest()

@@ -1,0 +1,69 @@
+"""The one configuration object of hypergen: library defaults and server settings alike.
+
+Every field reads from an environment variable with the ``HYPERGEN_`` prefix
+(``HYPERGEN_HOME``, ``HYPERGEN_REDIS_URL``...), so a deployment is configured
+by its environment and nothing else.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+DEFAULT_ENCODER = "all-minilm-l6-v2"
+DEFAULT_CHECKPOINT = "default"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HYPERGEN_", extra="ignore")
+
+    # --- library -----------------------------------------------------------
+    home: Path = Field(
+        default=Path("~/.cache/hypergen"),
+        description="Where converted base models and other derived files are cached.",
+    )
+    base_model: str = Field(
+        default=DEFAULT_BASE_MODEL,
+        description="Built-in model name, local Hugging Face folder, or hub id.",
+    )
+    checkpoint: str = Field(
+        default=DEFAULT_CHECKPOINT,
+        description="Hypernetwork checkpoint folder, or 'default' for the one shipped in the package.",
+    )
+    device: str = Field(default="cpu", description="Torch device for the hypernetwork.")
+
+    # --- server ------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: Literal["vllm", "hf"] = Field(
+        default="vllm", description="Generation engine: vLLM multi-LoRA, or transformers+peft."
+    )
+    redis_url: str | None = Field(
+        default=None, description="redis://host:port/db; unset means in-process cache only."
+    )
+    redis_prefix: str = "hypergen:"
+    redis_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    memory_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    adapter_dir: Path | None = Field(
+        default=None, description="Where PEFT folders for the engine go; default /dev/shm or $home."
+    )
+    max_loras: int = Field(default=8, ge=1, description="Adapters in one engine batch.")
+    max_cpu_loras: int = Field(default=64, ge=1, description="Adapters kept loaded in the engine.")
+    max_model_len: int = Field(default=2048, ge=128)
+    max_concurrent_requests: int = Field(default=64, ge=1)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_prompt_tokens: int = Field(default=1536, ge=1)
+    max_tokens_limit: int = Field(default=512, ge=1)
+    kv_cache_gib: float = Field(default=2.0, gt=0)
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = no auth.")
+
+    def resolved_home(self) -> Path:
+        return self.home.expanduser()
+
+
+def get_settings() -> Settings:
+    """Fresh settings from the environment (cheap; callers that need one instance keep it)."""
+    return Settings()
