@@ -1,0 +1,77 @@
+"""Latency of task -> adapter bytes (encode + hypernetwork + serialisation), default spec.
+
+    .venv/bin/python bench/generate_latency.py [--checkpoint DIR] [--tasks 50]
+
+Prints one JSON line. "cold" is the first task after loading; p50/p95 are over
+the following distinct tasks (3 demos each), one at a time; batch16 is
+generate_many on 16 new tasks, per task.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from hypergen.generator import HyperGenerator
+from hypergen.settings import get_settings
+from hypergen.task import Demo, Task
+
+WORDS = "apple river stone cloud quick seven violet engine window garden silver paper orbit lemon tiger".split()
+
+
+def make_task(i: int) -> Task:
+    rng = random.Random(i)
+    verb = rng.choice(["Reverse", "Capitalise", "Count the letters of", "Translate to pig latin", "Sort the letters of"])
+    demos = tuple(Demo(w, w[::-1] if verb == "Reverse" else w.upper()) for w in rng.sample(WORDS, 3))
+    return Task(f"{verb} the given word (task {i}).", demos)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", default=get_settings().checkpoint)
+    parser.add_argument("--tasks", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = HyperGenerator.from_pretrained(args.checkpoint)
+
+    start = time.perf_counter()
+    gen.generate(make_task(-1)).to_bytes()
+    cold = time.perf_counter() - start
+
+    times = []
+    for i in range(args.tasks):
+        task = make_task(i)
+        start = time.perf_counter()
+        gen.generate(task).to_bytes()
+        times.append(time.perf_counter() - start)
+    times.sort()
+
+    batch = [make_task(1000 + i) for i in range(16)]
+    start = time.perf_counter()
+    for adapter in gen.generate_many(batch):
+        adapter.to_bytes()
+    batch16 = (time.perf_counter() - start) / 16
+
+    print(json.dumps({
+        "p50_ms": ms(statistics.median(times)),
+        "p95_ms": ms(times[int(0.95 * (len(times) - 1))]),
+        "batch16_ms_per_task": ms(batch16),
+        "cold_ms": ms(cold),
+        "tasks": args.tasks,
+        "threads": torch.get_num_threads(),
+        "checkpoint": gen.checkpoint,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Shared fixtures: real base models (the built-in SmolLM2 and a tiny random Llama), the real
+MiniLM encoder, and one vLLM CPU engine for the whole session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hypergen.base_model import ensure_converted  # noqa: E402
+from hypergen.generator import HyperGenerator  # noqa: E402
+from hypergen.hypernet import HyperNetwork  # noqa: E402
+
+BASE = "smollm2-135m-instruct"
+
+
+def randomize_heads(network: HyperNetwork, seed: int = 0, std: float = 0.03, bias_std: float = 0.2) -> HyperNetwork:
+    """Gives an untrained network non-zero output heads, so its adapters visibly change the model.
+
+    A stand-in for a trained checkpoint where a test needs adapters that differ per task. The
+    scales were picked by hand on SmolLM2: strong enough to change a confident greedy answer
+    ("The capital of France is Paris."), weak enough that the output stays fluent text.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in list(network.a_heads.values()) + list(network.b_heads.values()):
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * std)
+        for head in network.b_heads.values():
+            head.bias.copy_(torch.randn(head.bias.shape, generator=gen) * bias_std)
+    return network
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    return ensure_converted(BASE)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path) -> Path:
+    """A 2-layer random Llama with head_dim 64 (vLLM's CPU attention needs 64) and grouped KV heads."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def generator(smollm_dir: Path) -> HyperGenerator:
+    """The default spec on SmolLM2, with randomised heads so adapters are non-zero."""
+    gen = HyperGenerator.untrained(BASE)
+    randomize_heads(gen.network)
+    gen.fingerprint = gen.network.fingerprint()
+    return gen
+
+
+@pytest.fixture(scope="session")
+def vllm_llm(smollm_dir: Path):
+    """One offline vLLM engine (CPU build) with LoRA enabled, shared by every test that needs it.
+
+    float32, because in bf16 the composition of a batch moves logprobs by up to ~0.2 nats
+    (measured: base + two LoRAs batched vs alone), which flips greedy choices at near-ties.
+    In float32 a mixed batch is token-identical to each request alone.
+    """
+    vllm = pytest.importorskip("vllm")
+    llm = vllm.LLM(
+        model=str(smollm_dir),
+        enable_lora=True,
+        max_loras=4,
+        max_lora_rank=8,
+        max_cpu_loras=8,
+        enforce_eager=True,
+        max_model_len=1024,
+        dtype="float32",
+        seed=0,
+    )
+    yield llm
+    del llm

@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+
+from hypergen.adapter import Adapter, peft_key
+from hypergen.errors import CheckpointError, CorruptAdapterError
+from hypergen.generator import HyperGenerator
+from hypergen.hypernet import HyperNetConfig, HyperNetwork
+from hypergen.task import Demo, Task
+
+TASK = Task("Answer with the antonym of the word.", (Demo("hot", "cold"), Demo("up", "down"), Demo("big", "small")))
+OTHER = Task("Translate the word to French.", (Demo("cat", "chat"), Demo("dog", "chien")))
+
+
+def test_untrained_network_is_a_noop_with_peft_style_a(smollm_dir):
+    gen = HyperGenerator.untrained("smollm2-135m-instruct")
+    adapter = gen.generate(TASK)
+    a, b = adapter.layer_weights(0, "q_proj")
+    assert a.shape == (8, 576) and b.shape == (576, 8)
+    assert torch.count_nonzero(b) == 0
+    assert a.abs().max() <= 1 / math.sqrt(576) and a.std() > 0
+    assert not gen.trained and gen.info()["trained"] is False
+
+
+def test_adapter_has_peft_keys_for_every_layer_and_module(generator):
+    adapter = generator.generate(TASK)
+    assert len(adapter.tensors) == 30 * 2 * 2
+    assert peft_key(29, "v_proj", "B") == "base_model.model.model.layers.29.self_attn.v_proj.lora_B.weight"
+    assert adapter.tensors[peft_key(29, "v_proj", "B")].shape == (192, 8)
+    assert peft_key(3, "down_proj", "A").endswith("layers.3.mlp.down_proj.lora_A.weight")
+
+
+def test_same_task_same_hash_and_identical_bytes(generator):
+    first, second = generator.generate(TASK), generator.generate(TASK)
+    assert first.task_hash == second.task_hash == generator.task_hash(TASK)
+    assert first.to_bytes() == second.to_bytes()
+    assert generator.generate(OTHER).task_hash != first.task_hash
+
+
+def test_batched_generation_matches_single(generator):
+    batched = generator.generate_many([OTHER, TASK])
+    single = generator.generate(TASK)
+    assert batched[1].task_hash == single.task_hash
+    for key, tensor in single.tensors.items():
+        torch.testing.assert_close(batched[1].tensors[key], tensor, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(batched[0].tensors[peft_key(0, "q_proj", "B")], single.tensors[peft_key(0, "q_proj", "B")])
+
+
+def test_demo_count_varies_from_zero_to_32(generator):
+    zero = generator.generate(Task("Reverse the letters of the word."))
+    many = generator.generate(Task("Reverse the letters of the word.", tuple(Demo(f"w{i}", f"{i}w") for i in range(32))))
+    only_demos = generator.generate(Task("", (Demo("abc", "cba"),)))
+    keys = peft_key(5, "q_proj", "B")
+    assert not torch.equal(zero.tensors[keys], many.tensors[keys])
+    assert torch.isfinite(only_demos.tensors[keys]).all()
+
+
+def test_bytes_round_trip_and_corruption_is_detected(generator):
+    adapter = generator.generate(TASK)
+    blob = adapter.to_bytes()
+    back = Adapter.from_bytes(blob)
+    assert back.task_hash == adapter.task_hash and back.rank == 8 and back.target_modules == ["q_proj", "v_proj"]
+    for key, tensor in adapter.tensors.items():
+        assert torch.equal(back.tensors[key], tensor)
+    damaged = bytearray(blob)
+    damaged[-100] ^= 0xFF
+    with pytest.raises(CorruptAdapterError):
+        Adapter.from_bytes(bytes(damaged))
+    with pytest.raises(CorruptAdapterError):
+        Adapter.from_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CorruptAdapterError):
+        Adapter.from_bytes(b"not an adapter at all")
+
+
+def test_save_peft_loads_in_peft_with_identical_tensors(generator, smollm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = generator.generate(TASK)
+    adapter.save_peft(tmp_path / "ad")
+    base = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, tmp_path / "ad")
+    state = model.state_dict()
+    for key, tensor in adapter.tensors.items():
+        peft_name = key.replace(".weight", ".default.weight")
+        assert torch.equal(state[peft_name], tensor), key
+    assert Adapter.load_peft(tmp_path / "ad").tensors.keys() == adapter.tensors.keys()
+
+
+def test_checkpoint_round_trip_keeps_fingerprint_and_outputs(generator, tmp_path):
+    generator.network.save(tmp_path / "ckpt", dtype=torch.float32)
+    loaded = HyperGenerator.from_pretrained(tmp_path / "ckpt")
+    assert loaded.fingerprint == HyperNetwork.load(tmp_path / "ckpt")[1]
+    assert loaded.generate(TASK).to_bytes() == loaded.generate(TASK).to_bytes()
+    torch.testing.assert_close(
+        loaded.generate(TASK).tensors[peft_key(7, "v_proj", "B")],
+        generator.generate(TASK).tensors[peft_key(7, "v_proj", "B")],
+    )
+
+
+def test_checkpoint_for_other_dims_fails_clearly(generator, tiny_llama_dir, tmp_path):
+    generator.network.save(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError) as err:
+        HyperGenerator.from_pretrained(tmp_path / "ckpt", base_model=str(tiny_llama_dir))
+    assert err.value.field == "base_model"
+    assert "num_layers: checkpoint 30 vs model 2" in err.value.message
+
+
+def test_unknown_checkpoint_format_is_refused(generator, tmp_path):
+    generator.network.save(tmp_path / "ckpt")
+    cfg = (tmp_path / "ckpt" / "config.json").read_text().replace('"format_version": 1', '"format_version": 99')
+    (tmp_path / "ckpt" / "config.json").write_text(cfg)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        HyperGenerator.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="not a hypernetwork checkpoint"):
+        HyperGenerator.from_pretrained(tmp_path / "missing")
+
+
+def test_generator_for_a_tiny_llama(tiny_llama_dir):
+    gen = HyperGenerator.untrained(str(tiny_llama_dir), spec_overrides={"target_modules": ("q_proj", "k_proj", "up_proj"), "rank": 16})
+    adapter = gen.generate(TASK)
+    assert adapter.tensors[peft_key(1, "k_proj", "B")].shape == (64, 16)
+    assert adapter.tensors[peft_key(1, "up_proj", "B")].shape == (256, 16)
+    assert HyperNetConfig.from_dict(gen.network.config.to_dict()).spec() == gen.spec
