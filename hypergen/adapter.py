@@ -103,19 +103,12 @@ class Adapter:
     @classmethod
     def from_bytes(cls, blob: bytes) -> "Adapter":
         """Parses and verifies a blob from ``to_bytes``; raises CorruptAdapterError on any damage."""
+        info = verify_blob(blob)
         try:
-            header = _read_header(blob)
-            info = json.loads(header["__metadata__"]["hypergen"])
-            if info.get("format") != BLOB_FORMAT:
-                raise ValueError(f"format {info.get('format')!r}")
-            if _payload_digest(blob) != info["sha256"]:
-                raise ValueError("checksum mismatch")
             tensors = load(blob)
-            config = info["peft_config"]
-        except CorruptAdapterError:
-            raise
-        except Exception as exc:  # any parse failure means the bytes are not a sound adapter
+        except Exception as exc:
             raise CorruptAdapterError(f"adapter blob is damaged ({exc})", "adapter") from None
+        config = info["peft_config"]
         return cls(
             tensors=tensors,
             base_model=config["base_model_name_or_path"],
@@ -128,6 +121,23 @@ class Adapter:
 
     def _contiguous(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+
+
+def verify_blob(blob: bytes) -> dict[str, Any]:
+    """Checks a blob's format and checksum without building tensors; returns its metadata."""
+    try:
+        header = _read_header(blob)
+        info = json.loads(header["__metadata__"]["hypergen"])
+        if info.get("format") != BLOB_FORMAT:
+            raise ValueError(f"format {info.get('format')!r}")
+        if _payload_digest(blob) != info["sha256"]:
+            raise ValueError("checksum mismatch")
+        info["peft_config"]["target_modules"]  # noqa: B018 - must be present
+    except CorruptAdapterError:
+        raise
+    except Exception as exc:  # any parse failure means the bytes are not a sound adapter
+        raise CorruptAdapterError(f"adapter blob is damaged ({exc})", "adapter") from None
+    return info
 
 
 def _read_header(blob: bytes) -> dict[str, Any]:

@@ -43,6 +43,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = get_settings()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("engine", args.engine)) if v is not None}
+    settings = settings.model_copy(update=overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hypergen", description="LoRA adapters from task descriptions.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -62,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe the base model, encoder, checkpoint and LoRA spec")
     model_args(info)
     info.set_defaults(func=cmd_info)
+    serve = sub.add_parser("serve", help="run the HTTP server (settings from HYPERGEN_* variables)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1, HYPERGEN_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 8000, HYPERGEN_PORT)")
+    serve.add_argument("--engine", choices=["vllm", "hf"], help="generation engine (HYPERGEN_ENGINE)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

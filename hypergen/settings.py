@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     adapter_dir: Path | None = Field(
         default=None, description="Where PEFT folders for the engine go; default /dev/shm or $home."
     )
+    dtype: str = Field(default="auto", description="Engine dtype: auto (the model's, bf16 here), bfloat16, float32.")
+    max_adapter_dirs: int = Field(default=512, ge=1, description="PEFT folders kept in adapter_dir (oldest pruned).")
     max_loras: int = Field(default=8, ge=1, description="Adapters in one engine batch.")
     max_cpu_loras: int = Field(default=64, ge=1, description="Adapters kept loaded in the engine.")
     max_model_len: int = Field(default=2048, ge=128)

@@ -75,7 +75,7 @@ def generator(smollm_dir: Path) -> HyperGenerator:
     return gen
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_llm(smollm_dir: Path):
     """One offline vLLM engine (CPU build) with LoRA enabled, shared by every test that needs it.
 
@@ -97,3 +97,66 @@ def vllm_llm(smollm_dir: Path):
     )
     yield llm
     del llm
+
+
+# --- servers ---------------------------------------------------------------------
+
+import uuid  # noqa: E402
+
+from servers import RedisProcess, ServerProcess  # noqa: E402
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(generator, tmp_path_factory) -> Path:
+    """The randomised test hypernetwork as a checkpoint folder, for servers to load."""
+    out = tmp_path_factory.mktemp("checkpoint")
+    generator.network.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> str:
+    """A fresh key prefix per test session, so runs never see each other's adapters."""
+    return f"hypergen-test-{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_prefix):
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    yield client
+    for key in client.scan_iter(f"{redis_prefix}*"):
+        client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def server_env(checkpoint_dir, redis_prefix, redis_client) -> dict[str, str]:
+    return {"HYPERGEN_CHECKPOINT": str(checkpoint_dir), "HYPERGEN_REDIS_URL": REDIS_URL, "HYPERGEN_REDIS_PREFIX": redis_prefix}
+
+
+@pytest.fixture(scope="session")
+def vllm_server(server_env, tmp_path_factory):
+    """The real server on the vLLM CPU engine, started once per session."""
+    pytest.importorskip("vllm")
+    server = ServerProcess(tmp_path_factory.mktemp("srv"), {**server_env, "HYPERGEN_ENGINE": "vllm"}, "vllm").wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_replica(server_env, tmp_path_factory):
+    """A second replica (transformers engine) sharing the first one's Redis and prefix."""
+    server = ServerProcess(tmp_path_factory.mktemp("srv"), {**server_env, "HYPERGEN_ENGINE": "hf"}, "hf").wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def own_redis(tmp_path):
+    redis = RedisProcess(tmp_path).start()
+    yield redis
+    redis.stop()

@@ -1,0 +1,227 @@
+"""The adapter service: task -> task hash -> cache tiers -> hypernetwork -> adapter on disk.
+
+This is the one place that decides where an adapter comes from. Single flight:
+concurrent requests for one new task share one hypernetwork run within the
+process (an asyncio future per hash) and across replicas (a short Redis lock
+that the others wait on by polling for the finished entry).
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hypergen.adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, Adapter, verify_blob
+from hypergen.errors import CorruptAdapterError
+from hypergen.generator import HyperGenerator
+from hypergen.task import Task
+from server.cache import CacheEntry, MemoryCache, RedisCache
+from server.engines import Engine, LoadedAdapter
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+ADAPTER_ID = re.compile(r"^[0-9a-f]{64}$")
+LOCK_TTL_MS = 30_000
+
+
+def is_adapter_id(value: str) -> bool:
+    return bool(ADAPTER_ID.match(value))
+
+
+@dataclass
+class AdapterRecord:
+    adapter_id: str
+    blob: bytes
+    meta: dict[str, Any]
+    tier: str | None  # where it was found: "memory", "redis", or None when just generated
+
+
+class AdapterService:
+    def __init__(
+        self,
+        generator: HyperGenerator,
+        memory: MemoryCache,
+        redis: RedisCache | None,
+        adapter_dir: Path,
+        engine: Engine,
+        metrics: Metrics,
+        max_adapter_dirs: int = 512,
+    ) -> None:
+        self.generator = generator
+        self.memory = memory
+        self.redis = redis
+        self.adapter_dir = adapter_dir
+        self.engine = engine
+        self.metrics = metrics
+        self.max_adapter_dirs = max_adapter_dirs
+        self._inflight: dict[str, asyncio.Future[AdapterRecord]] = {}
+        # One thread: the hypernetwork uses all cores itself; parallel runs would only contend.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypernet")
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- lookup -------------------------------------------------------------
+
+    def _verified(self, tier: str, key: str, entry: CacheEntry | None) -> CacheEntry | None:
+        if entry is None:
+            self.metrics.cache_misses.labels(tier).inc()
+            return None
+        try:
+            verify_blob(entry.blob)
+        except CorruptAdapterError:
+            log.warning("dropping corrupt %s cache entry %s", tier, key)
+            self.metrics.cache_corrupt.labels(tier).inc()
+            self.metrics.cache_misses.labels(tier).inc()
+            return None
+        self.metrics.cache_hits.labels(tier).inc()
+        return entry
+
+    async def lookup(self, adapter_id: str) -> AdapterRecord | None:
+        """Memory, then Redis (promoting to memory); a damaged entry is deleted and reads as a miss."""
+        raw = self.memory.get(adapter_id)
+        entry = self._verified("memory", adapter_id, raw)
+        if entry is not None:
+            return AdapterRecord(adapter_id, entry.blob, entry.meta, "memory")
+        if raw is not None:
+            self.memory.delete(adapter_id)
+        if self.redis is None:
+            return None
+        raw = await self.redis.get(adapter_id)
+        self.metrics.redis_up.set(1 if self.redis.available else 0)
+        entry = self._verified("redis", adapter_id, raw)
+        if entry is None:
+            if raw is not None:
+                await self.redis.delete(adapter_id)
+            return None
+        self.memory.put(adapter_id, entry)
+        return AdapterRecord(adapter_id, entry.blob, entry.meta, "redis")
+
+    # --- get or create ------------------------------------------------------
+
+    async def get_or_create(self, task: Task) -> AdapterRecord:
+        adapter_id = self.generator.task_hash(task)
+        record = await self.lookup(adapter_id)
+        if record is not None:
+            return record
+        pending = self._inflight.get(adapter_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[AdapterRecord] = asyncio.get_running_loop().create_future()
+        self._inflight[adapter_id] = future
+        try:
+            record = await self._create(adapter_id, task)
+            future.set_result(record)
+            return record
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved when nobody else waits
+            raise
+        finally:
+            self._inflight.pop(adapter_id, None)
+
+    async def _create(self, adapter_id: str, task: Task) -> AdapterRecord:
+        token = None
+        if self.redis is not None:
+            token = await self.redis.acquire_lock(adapter_id, LOCK_TTL_MS)
+            if token is None and self.redis.available:
+                # Another replica is generating it: wait for its result rather than duplicate work.
+                entry = self._verified("redis", adapter_id, await self.redis.wait_for(adapter_id, LOCK_TTL_MS / 1000))
+                if entry is not None:
+                    self.memory.put(adapter_id, entry)
+                    return AdapterRecord(adapter_id, entry.blob, entry.meta, "redis")
+        try:
+            start = time.perf_counter()
+            blob, meta = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_hypernetwork, task)
+            self.metrics.hypernetwork_runs.inc()
+            self.metrics.hypernetwork_seconds.observe(time.perf_counter() - start)
+            entry = CacheEntry(blob, meta)
+            self.memory.put(adapter_id, entry)
+            if self.redis is not None:
+                await self.redis.put(adapter_id, entry)
+            return AdapterRecord(adapter_id, blob, meta, None)
+        finally:
+            if token is not None:
+                await self.redis.release_lock(adapter_id, token)
+
+    def _run_hypernetwork(self, task: Task) -> tuple[bytes, dict[str, Any]]:
+        adapter = self.generator.generate(task)
+        blob = adapter.to_bytes()
+        meta = {
+            "adapter_id": adapter.task_hash,
+            "base_model": self.generator.base_model,
+            "hypernetwork": self.generator.fingerprint,
+            "rank": adapter.rank,
+            "alpha": adapter.alpha,
+            "target_modules": adapter.target_modules,
+            "size_bytes": len(blob),
+            "num_demos": len(task.demos),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return blob, meta
+
+    # --- engine side --------------------------------------------------------
+
+    async def loaded(self, record: AdapterRecord) -> LoadedAdapter:
+        """The adapter's PEFT folder (written once, atomically) for the engine to load."""
+        path = self.adapter_dir / record.adapter_id
+        if not (path / PEFT_WEIGHTS_FILE).is_file():
+            await asyncio.to_thread(self._write_folder, record, path)
+        return LoadedAdapter(record.adapter_id, path)
+
+    def _write_folder(self, record: AdapterRecord, path: Path) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.adapter_dir))
+        try:
+            Adapter.from_bytes(record.blob).save_peft(tmp)
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another writer won the race; its folder is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune_folders()
+
+    def _prune_folders(self) -> None:
+        folders = [p for p in self.adapter_dir.iterdir() if p.is_dir() and is_adapter_id(p.name)]
+        if len(folders) <= self.max_adapter_dirs:
+            return
+        folders.sort(key=lambda p: p.stat().st_mtime)
+        for old in folders[: len(folders) - self.max_adapter_dirs]:
+            shutil.rmtree(old, ignore_errors=True)  # rewritten from the cache if asked for again
+
+    async def delete(self, adapter_id: str) -> bool:
+        found = self.memory.delete(adapter_id)
+        if self.redis is not None:
+            found = bool(await self.redis.delete(adapter_id)) or found
+        path = self.adapter_dir / adapter_id
+        if path.exists():
+            found = True
+            shutil.rmtree(path, ignore_errors=True)
+        await self.engine.remove_adapter(adapter_id)
+        return found
+
+    @staticmethod
+    def weights_archive(record: AdapterRecord) -> bytes:
+        """A .tar.gz of the PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+        adapter = Adapter.from_bytes(record.blob)
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter.save_peft(tmp)
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):
+                    tar.add(Path(tmp) / name, arcname=f"{record.adapter_id}/{name}")
+        return buf.getvalue()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,106 @@
+"""The FastAPI application: built cheaply, loaded in the lifespan (generator, engine, caches)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from hypergen import __version__
+from hypergen.settings import Settings, get_settings
+from server.errors import install_error_handlers
+from server.middleware import BodyLimitMiddleware, MetricsMiddleware
+
+log = logging.getLogger("hypergen.server")
+
+
+def default_adapter_dir(settings: Settings) -> Path:
+    """tmpfs when the host has one: adapters are re-creatable from the cache, so RAM is the right place."""
+    if settings.adapter_dir is not None:
+        return settings.adapter_dir.expanduser()
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm / f"hypergen-adapters-{os.getuid()}"
+    return settings.resolved_home() / "adapters"
+
+
+async def build_state(settings: Settings):
+    """Loads everything the routes need. Slow (model + engine start); runs once per process."""
+    import asyncio
+
+    from hypergen.base_model import load_tokenizer, resolve_base_model
+    from hypergen.generator import HyperGenerator
+    from server.adapters import AdapterService
+    from server.cache import MemoryCache, RedisCache
+    from server.engines import create_engine
+    from server.generation import GenerationService
+    from server.metrics import Metrics
+    from server.state import ServerState
+
+    generator = await asyncio.to_thread(
+        HyperGenerator.from_pretrained, settings.checkpoint, settings.base_model, settings.device
+    )
+    base_name = generator.base_model
+    model_path = resolve_base_model(base_name)
+    tokenizer = load_tokenizer(base_name)
+    engine = create_engine(
+        settings.engine,
+        model_path=model_path,
+        max_lora_rank=generator.spec.rank,
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        max_model_len=settings.max_model_len,
+        dtype=settings.dtype,
+        kv_cache_gib=settings.kv_cache_gib,
+    )
+    await engine.start()
+    metrics = Metrics()
+    redis = RedisCache(settings.redis_url, settings.redis_prefix, settings.redis_ttl_s) if settings.redis_url else None
+    if redis is not None and not await redis.ping():
+        log.warning("redis at %s is unreachable; starting degraded", settings.redis_url)
+    adapters = AdapterService(
+        generator, MemoryCache(settings.memory_cache_bytes), redis, default_adapter_dir(settings), engine, metrics,
+        settings.max_adapter_dirs,
+    )
+    generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)
+    return ServerState(settings, generator, engine, adapters, generation, redis, metrics, base_name, int(time.time()))
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = await build_state(app.state.settings)
+    app.state.hypergen = state
+    log.info("hypergen ready: engine=%s base=%s", state.engine.name, state.base_name)
+    try:
+        yield
+    finally:
+        app.state.hypergen = None
+        state.adapters.close()
+        if state.redis is not None:
+            await state.redis.close()
+        await state.engine.shutdown()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    from server import openai_routes, routes
+
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="hypergen",
+        version=__version__,
+        description="LoRA adapters generated on demand by a hypernetwork, served by a multi-LoRA engine.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.hypergen = None
+    install_error_handlers(app)
+    app.include_router(routes.health)
+    app.include_router(routes.router)
+    app.include_router(openai_routes.router)
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

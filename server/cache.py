@@ -1,0 +1,166 @@
+"""Adapter cache tiers: an in-process LRU bounded in bytes, then Redis (optional, may be down).
+
+Entries are ``Adapter.to_bytes()`` blobs plus a small JSON metadata record. Every
+read is verified by the blob's own checksum by the caller (``Adapter.from_bytes``);
+a tier that returns a damaged entry is told to drop it.
+
+Redis is treated as a helper, never a dependency: every call has a short timeout,
+a failure marks the tier unavailable for a back-off period (so requests do not
+each wait on a dead server), and the next call after it tries again.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheEntry:
+    blob: bytes
+    meta: dict[str, Any]
+
+
+class MemoryCache:
+    """LRU over adapter ids, evicting least-recently-used entries past ``max_bytes``."""
+
+    name = "memory"
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: str) -> CacheEntry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: CacheEntry) -> None:
+        self.delete(key)
+        if len(entry.blob) > self.max_bytes:
+            return
+        self._entries[key] = entry
+        self._bytes += len(entry.blob)
+        while self._bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= len(old.blob)
+
+    def delete(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry.blob)
+        return entry is not None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+
+class RedisCache:
+    """Adapters in Redis hashes (``{prefix}adapter:{id}`` -> blob, meta) with a TTL."""
+
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str, ttl_s: int, timeout_s: float = 0.5, backoff_s: float = 1.0) -> None:
+        import redis.asyncio as redis
+
+        self.url = url
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.backoff_s = backoff_s
+        self._client = redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=5
+        )
+        self._down_until = 0.0
+        self.last_error: str | None = None
+
+    def _key(self, kind: str, key: str) -> str:
+        return f"{self.prefix}{kind}:{key}"
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    async def _call(self, op: str, coro_factory, default=None):
+        """Runs one Redis operation; on failure marks Redis down for a while and returns default."""
+        if not self.available:
+            return default
+        try:
+            result = await coro_factory()
+        except Exception as exc:  # redis errors, timeouts, closed connections: all mean "degraded"
+            if self.last_error is None:
+                log.warning("redis unavailable (%s: %s); serving from in-process tiers", op, exc)
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._down_until = time.monotonic() + self.backoff_s
+            return default
+        if self.last_error is not None:
+            log.info("redis is back")
+        self.last_error = None
+        return result
+
+    async def ping(self) -> bool:
+        self._down_until = 0.0  # an explicit probe always tries
+        return bool(await self._call("ping", self._client.ping, False))
+
+    async def get(self, key: str) -> CacheEntry | None:
+        data = await self._call("get", lambda: self._client.hgetall(self._key("adapter", key)), {})
+        if not data or b"blob" not in data:
+            return None
+        try:
+            meta = json.loads(data.get(b"meta", b"{}"))
+        except ValueError:
+            meta = {}
+        return CacheEntry(data[b"blob"], meta)
+
+    async def put(self, key: str, entry: CacheEntry) -> bool:
+        async def write():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(self._key("adapter", key), mapping={"blob": entry.blob, "meta": json.dumps(entry.meta)})
+                pipe.expire(self._key("adapter", key), self.ttl_s)
+                await pipe.execute()
+            return True
+
+        return bool(await self._call("put", write, False))
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self._call("delete", lambda: self._client.delete(self._key("adapter", key)), 0))
+
+    async def acquire_lock(self, key: str, ttl_ms: int) -> str | None:
+        """A short cross-replica lock so only one replica runs the hypernetwork for a task."""
+        token = uuid.uuid4().hex
+        ok = await self._call(
+            "lock", lambda: self._client.set(self._key("lock", key), token, nx=True, px=ttl_ms), None
+        )
+        return token if ok else None
+
+    async def release_lock(self, key: str, token: str) -> None:
+        script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+        await self._call("unlock", lambda: self._client.eval(script, 1, self._key("lock", key), token), 0)
+
+    async def wait_for(self, key: str, timeout_s: float, poll_s: float = 0.05) -> CacheEntry | None:
+        """Polls for an entry that another replica is producing."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.available:
+            entry = await self.get(key)
+            if entry is not None:
+                return entry
+            await asyncio.sleep(poll_s)
+        return None
+
+    async def close(self) -> None:
+        try:
+            await self._client.aclose()
+        except Exception:  # closing a broken connection must not fail shutdown
+            pass

@@ -1,0 +1,140 @@
+"""transformers + peft, for hosts without vLLM. Same API, one request at a time, no batching."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from contextlib import nullcontext
+from typing import AsyncIterator
+
+from server.engines.base import Engine, GenerationChunk, GenerationRequest
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(self, model_path: str, dtype: str = "bfloat16", max_cpu_loras: int = 64, **_: object) -> None:
+        self.model_path = model_path
+        self.dtype = "bfloat16" if dtype == "auto" else dtype
+        self.max_cpu_loras = max_cpu_loras
+        self._model = None
+        self._tokenizer = None
+        self._loaded: list[str] = []  # adapter names in load order (oldest first)
+        self._lock = threading.Lock()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
+        self._model = model.eval().requires_grad_(False)
+
+    async def shutdown(self) -> None:
+        self._model = None
+
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def _select(self, request: GenerationRequest):
+        """Activates the request's adapter, or disables adapters for a base request (lock held)."""
+        from peft import PeftModel
+
+        adapter = request.adapter
+        if adapter is None:
+            return self._model.disable_adapter() if isinstance(self._model, PeftModel) else nullcontext()
+        if not isinstance(self._model, PeftModel):
+            self._model = PeftModel.from_pretrained(self._model, adapter.path, adapter_name=adapter.name)
+            self._loaded.append(adapter.name)
+        elif adapter.name not in self._loaded:
+            if len(self._loaded) >= self.max_cpu_loras:
+                self._model.delete_adapter(self._loaded.pop(0))
+            self._model.load_adapter(adapter.path, adapter_name=adapter.name)
+            self._loaded.append(adapter.name)
+        self._model.set_adapter(adapter.name)
+        return nullcontext()
+
+    def _run(self, request: GenerationRequest, emit, queued_at: float) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        with self._lock:
+            queue_ms = (time.perf_counter() - queued_at) * 1000
+            adapter_context = self._select(request)
+            ids = torch.tensor([request.prompt_token_ids])
+            eos = self._tokenizer.eos_token_id
+            generated: list[int] = []
+            text = ""
+            reason = "length"
+
+            class Stream(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
+                    nonlocal text, reason
+                    token = int(input_ids[0, -1])
+                    if token == eos:
+                        reason = "stop"
+                        return True
+                    generated.append(token)
+                    full = tokenizer.decode(generated, skip_special_tokens=True)
+                    for stop in request.stop:
+                        if stop in full:
+                            full = full[: full.index(stop)]
+                            reason = "stop"
+                    if len(full) > len(text) and not full.endswith("\ufffd"):
+                        emit(GenerationChunk(full[len(text) :]))
+                        text = full
+                    return reason == "stop"
+
+            tokenizer = self._tokenizer
+            kwargs = {"max_new_tokens": request.max_tokens, "do_sample": request.temperature > 0}
+            if request.temperature > 0:
+                kwargs.update(temperature=request.temperature, top_p=request.top_p)
+                if request.seed is not None:
+                    torch.manual_seed(request.seed)
+            with torch.inference_mode(), adapter_context:
+                self._model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    stopping_criteria=StoppingCriteriaList([Stream()]),
+                    pad_token_id=eos,
+                    **kwargs,
+                )
+            emit(GenerationChunk("", True, reason, len(generated), queue_ms))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+
+        def emit(chunk: GenerationChunk) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+
+        def work() -> None:
+            try:
+                self._run(request, emit, time.perf_counter())
+            except BaseException as exc:  # surfaced to the awaiting request
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        loop.run_in_executor(None, work)
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+    async def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self._loaded:
+                return
+            self._loaded.remove(name)
+            if self._loaded:
+                self._model.delete_adapter(name)
+            else:  # peft cannot delete its last adapter: unwrap back to the plain base model
+                self._model = self._model.unload()
+
+    async def resident_adapters(self) -> int:
+        return len(self._loaded)

@@ -1,0 +1,116 @@
+"""vLLM's AsyncLLM in the server process, multi-LoRA: requests with different adapters share batches."""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import AsyncIterator
+
+from server.engines.base import Engine, GenerationChunk, GenerationRequest
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        max_lora_rank: int,
+        max_loras: int = 8,
+        max_cpu_loras: int = 64,
+        max_model_len: int = 2048,
+        dtype: str = "auto",
+        kv_cache_gib: float = 2.0,
+    ) -> None:
+        self.model_path = model_path
+        self.max_lora_rank = max_lora_rank
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.kv_cache_gib = kv_cache_gib
+        self._engine = None
+        self._ids: dict[str, int] = {}  # adapter name -> vLLM lora_int_id, stable for this process
+        self._next_id = itertools.count(1)
+
+    async def start(self) -> None:
+        import torch
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.kv_cache_gib))))
+        args = AsyncEngineArgs(
+            model=self.model_path,
+            enable_lora=True,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_cpu_loras=max(self.max_cpu_loras, self.max_loras),
+            max_model_len=self.max_model_len,
+            dtype=self.dtype,
+            enforce_eager=on_cpu,
+            disable_log_stats=False,  # also fills per-request timestamps (queue_ms)
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def ready(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    def _lora(self, request: GenerationRequest):
+        from vllm.lora.request import LoRARequest
+
+        if request.adapter is None:
+            return None
+        name = request.adapter.name
+        if name not in self._ids:
+            self._ids[name] = next(self._next_id)
+        return LoRARequest(name, self._ids[name], str(request.adapter.path))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=request.stop or None,
+            seed=request.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = {"prompt_token_ids": request.prompt_token_ids}
+        completion_tokens = 0
+        finished = False
+        try:
+            async for out in self._engine.generate(prompt, params, request.request_id, lora_request=self._lora(request)):
+                piece = out.outputs[0]
+                completion_tokens += len(piece.token_ids)
+                if out.finished:
+                    finished = True
+                    stats = out.metrics
+                    queue_ms = 0.0
+                    if stats is not None and stats.scheduled_ts and stats.queued_ts:
+                        queue_ms = max(0.0, (stats.scheduled_ts - stats.queued_ts) * 1000)
+                    yield GenerationChunk(
+                        piece.text, True, piece.finish_reason, completion_tokens, queue_ms
+                    )
+                    return
+                yield GenerationChunk(piece.text)
+        finally:
+            if not finished:  # the client went away mid-stream: free the engine's slot
+                await self._engine.abort(request.request_id)
+
+    async def remove_adapter(self, name: str) -> None:
+        lora_id = self._ids.pop(name, None)
+        if lora_id is not None and self._engine is not None:
+            await self._engine.remove_lora(lora_id)
+
+    async def resident_adapters(self) -> int:
+        if self._engine is None:
+            return 0
+        return len(await self._engine.list_loras())

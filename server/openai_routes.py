@@ -1,0 +1,93 @@
+"""OpenAI-compatible routes: ``model`` is an adapter id or the base model's name.
+
+Enough of the OpenAI API that the official client works unchanged for
+completions, chat completions (both streaming) and model listing.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends
+
+from server.adapters import AdapterRecord
+from server.generation import GenerationService, Prepared
+from server.routes import ERRORS, sse
+from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, openai_usage
+from server.state import ServerState, get_state, require_api_key
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS, tags=["openai"])
+
+
+async def _adapter(state: ServerState, model: str) -> tuple[AdapterRecord | None, float]:
+    if model == state.base_name:
+        return None, 0.0
+    return await state.generation.adapter_for(model, None, field_name="model")
+
+
+async def _prepare(state: ServerState, body, prompt_ids: list[int], max_tokens: int) -> Prepared:
+    record, adapter_ms = await _adapter(state, body.model)
+    return await state.generation.prepare(
+        prompt_ids, record, adapter_ms, max_tokens, body.temperature, body.top_p, body.stop_list(), body.seed
+    )
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
+    gen = state.generation
+    prepared = await _prepare(state, body, gen.prompt_ids(body.prompt, None), body.max_tokens)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return await sse(gen, prepared, _completion_chunks(gen, prepared, rid, created, body.model), done_marker=True)
+    result = await gen.run(prepared)
+    return {
+        "id": rid, "object": "text_completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}],
+        "usage": openai_usage(prepared.prompt_tokens, result.completion_tokens),
+    }
+
+
+async def _completion_chunks(gen: GenerationService, prepared: Prepared, rid: str, created: int, model: str) -> AsyncIterator[dict]:
+    async for chunk in gen.stream(prepared):
+        choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason if chunk.finished else None, "logprobs": None}
+        event = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+        if chunk.finished:
+            event["usage"] = openai_usage(prepared.prompt_tokens, chunk.completion_tokens)
+        yield event
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
+    gen = state.generation
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    prepared = await _prepare(state, body, gen.prompt_ids(None, body.messages), max_tokens)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return await sse(gen, prepared, _chat_chunks(gen, prepared, rid, created, body.model), done_marker=True)
+    result = await gen.run(prepared)
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason}],
+        "usage": openai_usage(prepared.prompt_tokens, result.completion_tokens),
+    }
+
+
+async def _chat_chunks(gen: GenerationService, prepared: Prepared, rid: str, created: int, model: str) -> AsyncIterator[dict]:
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    async for chunk in gen.stream(prepared):
+        delta = {"content": chunk.text} if chunk.text else {}
+        event = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": chunk.finish_reason if chunk.finished else None}]}
+        if chunk.finished:
+            event["usage"] = openai_usage(prepared.prompt_tokens, chunk.completion_tokens)
+        yield event
+
+
+@router.get("/models", response_model=ModelList)
+async def models(state: ServerState = Depends(get_state)) -> ModelList:
+    """The base model, then the adapters this replica holds in memory (most recent last)."""
+    cards = [ModelCard(id=state.base_name, created=state.started_at)]
+    for adapter_id in state.adapters.memory.keys():
+        cards.append(ModelCard(id=adapter_id, created=state.started_at))
+    return ModelList(data=cards)

@@ -1,0 +1,236 @@
+"""The server over real HTTP: vLLM CPU engine, real Redis on 127.0.0.1:6379, real hypernetwork."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+
+def new_task(label: str = "") -> dict:
+    """A task no earlier request has used (fresh hash), so the first POST is a real miss."""
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "instruction": f"Answer with the antonym of the given word. {label} {tag}",
+        "demos": [{"input": "hot", "output": "cold"}, {"input": "up", "output": "down"}],
+    }
+
+
+def metric(client: httpx.Client, name: str, labels: str = "") -> float:
+    text = client.get("/metrics").text
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.fixture(scope="module")
+def client(vllm_server):
+    with vllm_server.client() as c:
+        yield c
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["engine"] == "vllm" and ready["redis"] is True
+
+
+def test_adapter_miss_then_hit(client):
+    task = new_task()
+    runs = metric(client, "hypergen_hypernetwork_runs_total")
+    first = client.post("/adapters", json=task)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["cached"] is False and body["cache_tier"] is None
+    assert re.fullmatch(r"[0-9a-f]{64}", body["adapter_id"])
+    assert body["rank"] == 8 and body["target_modules"] == ["q_proj", "v_proj"] and body["size_bytes"] > 1_000_000
+    assert body["links"]["weights"] == f"/adapters/{body['adapter_id']}/weights"
+    second = client.post("/adapters", json=task).json()
+    assert second["adapter_id"] == body["adapter_id"]
+    assert second["cached"] is True and second["cache_tier"] == "memory"
+    assert metric(client, "hypergen_hypernetwork_runs_total") == runs + 1
+
+
+def test_adapter_metadata_weights_and_delete(client, smollm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_id = client.post("/adapters", json=new_task()).json()["adapter_id"]
+    meta = client.get(f"/adapters/{adapter_id}")
+    assert meta.status_code == 200 and meta.json()["adapter_id"] == adapter_id
+    weights = client.get(f"/adapters/{adapter_id}/weights")
+    assert weights.status_code == 200 and weights.headers["content-type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(weights.content)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm_dir), tmp_path / adapter_id)
+    assert sum("lora_B" in k for k in model.state_dict()) == 60
+    assert client.delete(f"/adapters/{adapter_id}").status_code == 204
+    assert client.get(f"/adapters/{adapter_id}").status_code == 404
+    assert client.delete(f"/adapters/{adapter_id}").status_code == 404
+
+
+def test_generate_with_adapter_id_and_inline_task(client):
+    task = new_task()
+    adapter_id = client.post("/adapters", json=task).json()["adapter_id"]
+    by_id = client.post("/generate", json={"messages": CHAT, "adapter_id": adapter_id, "max_tokens": 12})
+    inline = client.post("/generate", json={"messages": CHAT, "task": task, "max_tokens": 12})
+    base = client.post("/generate", json={"messages": CHAT, "max_tokens": 12})
+    assert by_id.status_code == inline.status_code == base.status_code == 200, by_id.text
+    a, b, c = by_id.json(), inline.json(), base.json()
+    assert a["adapter_id"] == b["adapter_id"] == adapter_id and c["adapter_id"] is None
+    assert a["text"] == b["text"]  # greedy, same adapter
+    assert "Paris" in c["text"]
+    assert a["text"] != c["text"]  # the (randomised) adapter changes the answer
+    assert a["usage"]["prompt_tokens"] == c["usage"]["prompt_tokens"] > 10
+    assert 0 < a["usage"]["completion_tokens"] <= 12
+    assert set(a["timings"]) == {"adapter_ms", "queue_ms", "generate_ms"}
+
+
+def test_streaming_matches_non_streaming(client):
+    task = new_task()
+    request = {"prompt": "The three primary colours are", "task": task, "max_tokens": 10}
+    whole = client.post("/generate", json=request).json()
+    events = []
+    with client.stream("POST", "/generate", json={**request, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["done"] is True and events[-1]["usage"] == whole["usage"]
+    assert "".join(e["text"] for e in events) == whole["text"]
+    assert len(events) > 2
+
+
+def test_openai_client_on_both_routes(vllm_server, client):
+    from openai import OpenAI
+
+    adapter_id = client.post("/adapters", json=new_task()).json()["adapter_id"]
+    oai = OpenAI(base_url=f"{vllm_server.url}/v1", api_key="unused")
+    models = [m.id for m in oai.models.list()]
+    assert "smollm2-135m-instruct" in models and adapter_id in models
+
+    completion = oai.completions.create(model=adapter_id, prompt="One, two, three,", max_tokens=8, temperature=0)
+    assert completion.choices[0].text and completion.usage.completion_tokens <= 8
+    chat = oai.chat.completions.create(model="smollm2-135m-instruct", messages=CHAT, max_tokens=12, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+
+    streamed = oai.chat.completions.create(model=adapter_id, messages=CHAT, max_tokens=12, temperature=0, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    whole = oai.chat.completions.create(model=adapter_id, messages=CHAT, max_tokens=12, temperature=0)
+    assert text == whole.choices[0].message.content
+    stream_c = oai.completions.create(model=adapter_id, prompt="One, two, three,", max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream_c) == completion.choices[0].text
+
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        oai.completions.create(model="f" * 64, prompt="x", max_tokens=2)
+
+
+def test_concurrent_identical_requests_run_the_hypernetwork_once(vllm_server, client):
+    task = new_task("concurrent")
+    runs = metric(client, "hypergen_hypernetwork_runs_total")
+
+    def post(_):
+        with vllm_server.client() as c:
+            return c.post("/adapters", json=task)
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(post, range(20)))
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.json()["adapter_id"] for r in responses}) == 1
+    assert metric(client, "hypergen_hypernetwork_runs_total") == runs + 1
+
+
+def test_two_replicas_share_adapters_through_redis(client, hf_replica):
+    task = new_task("shared")
+    created = client.post("/adapters", json=task).json()
+    with hf_replica.client() as other:
+        runs = metric(other, "hypergen_hypernetwork_runs_total")
+        seen = other.post("/adapters", json=task).json()
+        assert seen["adapter_id"] == created["adapter_id"]
+        assert seen["cached"] is True and seen["cache_tier"] == "redis"
+        assert metric(other, "hypergen_hypernetwork_runs_total") == runs
+        # and the other way round
+        made_there = other.post("/adapters", json=new_task("other-way")).json()
+        assert other.get(f"/adapters/{made_there['adapter_id']}").status_code == 200
+    assert client.get(f"/adapters/{made_there['adapter_id']}").json()["cache_tier"] in ("redis", "memory")
+
+
+def test_corrupt_redis_entry_is_dropped_and_regenerated(client, hf_replica, redis_client, redis_prefix):
+    task = new_task("corrupt")
+    adapter_id = client.post("/adapters", json=task).json()["adapter_id"]
+    key = f"{redis_prefix}adapter:{adapter_id}"
+    blob = bytearray(redis_client.hget(key, "blob"))
+    blob[-50] ^= 0xFF
+    redis_client.hset(key, "blob", bytes(blob))
+    with hf_replica.client() as other:  # its memory tier has never seen this task
+        runs = metric(other, "hypergen_hypernetwork_runs_total")
+        again = other.post("/adapters", json=task).json()
+        assert again["adapter_id"] == adapter_id and again["cached"] is False
+        assert metric(other, "hypergen_hypernetwork_runs_total") == runs + 1
+        assert metric(other, "hypergen_cache_corrupt_total", '{tier="redis"}') >= 1
+    from hypergen.adapter import verify_blob
+
+    verify_blob(redis_client.hget(key, "blob"))  # the regenerated entry replaced the damaged one
+
+
+BAD_REQUESTS = [
+    ("/adapters", {"instruction": "  ", "demos": []}, 422, "instruction"),
+    ("/adapters", {"instruction": "x", "demos": [{"input": "a"}]}, 422, "demos.0.output"),
+    ("/adapters", {"instruction": "x", "demos": [{"input": "a", "output": ""}]}, 422, "demos.0.output"),
+    ("/adapters", {"instruction": "x" * 8001}, 422, "instruction"),
+    ("/adapters", {"instruction": "x", "demos": [{"input": "a", "output": "b"}] * 33}, 422, "demos"),
+    ("/adapters", {"instruction": "x", "colour": "red"}, 422, "colour"),
+    ("/adapters", {"instruction": 5}, 422, "instruction"),
+    ("/generate", {"prompt": "hi", "adapter_id": "../../etc/passwd"}, 422, "adapter_id"),
+    ("/generate", {"prompt": "hi", "adapter_id": "0" * 64}, 404, "adapter_id"),
+    ("/generate", {"prompt": "hi", "messages": CHAT}, 422, "prompt"),
+    ("/generate", {"max_tokens": 3}, 422, "prompt"),
+    ("/generate", {"prompt": "hi", "max_tokens": 100000}, 422, "max_tokens"),
+    ("/generate", {"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
+    ("/generate", {"prompt": "hi", "temperature": 9}, 422, "temperature"),
+    ("/generate", {"prompt": "word " * 2000}, 422, "prompt"),
+    ("/generate", {"prompt": "hi", "task": {"instruction": "x", "demos": [{"input": "a"}]}}, 422, "task.demos.0.output"),
+    ("/generate", {"prompt": "hi", "adapter_id": "0" * 64, "task": {"instruction": "x"}}, 422, "adapter_id"),
+    ("/generate", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, field", BAD_REQUESTS)
+def test_bad_input_gets_a_4xx_naming_the_field(client, path, body, status, field):
+    response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and error["message"] and error["code"]
+
+
+def test_malformed_and_oversized_bodies_and_unknown_ids(client):
+    bad_json = client.post("/adapters", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+    huge = client.post("/adapters", content=b'{"instruction": "' + b"x" * 2_000_000 + b'"}', headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    assert client.get("/adapters/not-a-hash").status_code == 422
+    assert client.get("/adapters/" + "a" * 64 + "/weights").status_code == 404
+    assert client.get("/nope").json()["error"]["code"] == "not_found"
+    assert client.get("/healthz").status_code == 200  # still serving
+
+
+def test_metrics_expose_routes_cache_tiers_and_residency(client):
+    client.post("/generate", json={"prompt": "Hello", "task": new_task(), "max_tokens": 2})
+    text = client.get("/metrics").text
+    assert 'hypergen_requests_total{method="POST",route="/generate",status="200"}' in text
+    assert 'hypergen_request_seconds_bucket{le="0.005",route="/adapters"}' in text
+    assert 'hypergen_cache_misses_total{tier="memory"}' in text and 'hypergen_cache_hits_total{tier="memory"}' in text
+    assert 'hypergen_cache_misses_total{tier="redis"}' in text
+    assert metric(client, "hypergen_engine_adapters_resident") >= 1
+    assert metric(client, "hypergen_hypernetwork_runs_total") >= 1
