@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
+import sys
 import time
 
 import torch
 
 from hypergen.generator import HyperGenerator
 from hypergen.settings import get_settings
-from hypergen.task import Demo, Task
 
-WORDS = "apple river stone cloud quick seven violet engine window garden silver paper orbit lemon tiger".split()
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from tasks import synthetic_task  # noqa: E402
 
 
-def make_task(i: int) -> Task:
-    rng = random.Random(i)
-    verb = rng.choice(["Reverse", "Capitalise", "Count the letters of", "Translate to pig latin", "Sort the letters of"])
-    demos = tuple(Demo(w, w[::-1] if verb == "Reverse" else w.upper()) for w in rng.sample(WORDS, 3))
-    return Task(f"{verb} the given word (task {i}).", demos)
+def make_task(i: int):
+    return synthetic_task(i)[0]
 
 
 def ms(seconds: float) -> float:

@@ -103,7 +103,7 @@ def vllm_llm(smollm_dir: Path):
 
 import uuid  # noqa: E402
 
-from servers import RedisProcess, ServerProcess  # noqa: E402
+from server.launcher import RedisProcess, ServerProcess  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -1,4 +1,4 @@
-"""Real server processes for tests: `hypergen serve` in a subprocess, reached over HTTP."""
+"""Start `hypergen serve` in a subprocess and wait until it is ready: for tests, benchmarks and scripts."""
 from __future__ import annotations
 
 import os
@@ -19,6 +19,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    """A real server on a free local port; settings are HYPERGEN_* variables in ``env``."""
+
     def __init__(self, workdir: Path, env: dict[str, str], name: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -1,0 +1,100 @@
+"""Server latency: POST /adapters miss and hit, and time to first token (TTFT).
+
+    .venv/bin/python bench/serve_latency.py [--url http://host:port] [--n 20]
+
+Without --url it starts `hypergen serve` (vLLM engine, Redis from HYPERGEN_REDIS_URL,
+default redis://127.0.0.1:6379/0, under a fresh key prefix). Server-side times come
+from the Server-Timing header; client-side times include HTTP on loopback.
+Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tasks import synthetic_task  # noqa: E402
+
+from server.launcher import ServerProcess  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))], 2)
+
+
+def server_ms(response: httpx.Response) -> float:
+    return float(response.headers["server-timing"].split("dur=")[1])
+
+
+def ttft(client: httpx.Client, body: dict) -> float:
+    start = time.perf_counter()
+    with client.stream("POST", "/generate", json={**body, "stream": True, "max_tokens": 4}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:]).get("text"):
+                return (time.perf_counter() - start) * 1000  # closing the stream aborts the rest
+    raise RuntimeError("no token came back")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url")
+    parser.add_argument("--n", type=int, default=20)
+    args = parser.parse_args()
+    server = None
+    if args.url is None:
+        env = {"HYPERGEN_ENGINE": "vllm", "HYPERGEN_REDIS_URL": os.environ.get("HYPERGEN_REDIS_URL", "redis://127.0.0.1:6379/0"),
+               "HYPERGEN_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:8]}:"}
+        server = ServerProcess(Path(tempfile.mkdtemp()), env, "bench").wait_ready()
+        args.url = server.url
+    offset = int(time.time())  # fresh tasks on every run, so misses are real misses
+    try:
+        with httpx.Client(base_url=args.url, timeout=300) as client:
+            tasks = [synthetic_task(offset + i) for i in range(args.n)]
+            miss_srv, miss_cli, hit_srv, hit_cli, ids = [], [], [], [], []
+            for task, _ in tasks:
+                start = time.perf_counter()
+                r = client.post("/adapters", json=task.to_dict())
+                miss_cli.append((time.perf_counter() - start) * 1000)
+                miss_srv.append(server_ms(r))
+                assert r.json()["cached"] is False
+                ids.append(r.json()["adapter_id"])
+            for _ in range(3):
+                for task, _ in tasks:
+                    start = time.perf_counter()
+                    r = client.post("/adapters", json=task.to_dict())
+                    hit_cli.append((time.perf_counter() - start) * 1000)
+                    hit_srv.append(server_ms(r))
+                    assert r.json()["cached"] is True
+
+            prompt = lambda word: {"messages": [{"role": "user", "content": word}]}  # noqa: E731
+            new = [ttft(client, {**prompt(w), "task": t.to_dict()}) for t, w in (synthetic_task(offset + 10_000 + i) for i in range(args.n // 2))]
+            resident_ids = ids[: args.n // 2]
+            for adapter_id in resident_ids:  # load once
+                ttft(client, {**prompt("x"), "adapter_id": adapter_id})
+            resident = [ttft(client, {**prompt(w), "adapter_id": a}) for a, (_, w) in zip(resident_ids, tasks)]
+            base = [ttft(client, prompt(w)) for _, w in tasks[: args.n // 2]]
+            ready = client.get("/readyz").json()
+        print(json.dumps({
+            "adapter_miss_server_ms": {"p50": pct(miss_srv, .5), "p95": pct(miss_srv, .95)},
+            "adapter_miss_client_ms": {"p50": pct(miss_cli, .5), "p95": pct(miss_cli, .95)},
+            "adapter_hit_server_ms": {"p50": pct(hit_srv, .5), "p95": pct(hit_srv, .95)},
+            "adapter_hit_client_ms": {"p50": pct(hit_cli, .5), "p95": pct(hit_cli, .95)},
+            "ttft_ms": {"new_adapter_p50": pct(new, .5), "resident_adapter_p50": pct(resident, .5), "base_p50": pct(base, .5)},
+            "n": args.n, "engine": ready.get("engine"), "redis": ready.get("redis"),
+        }))
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Generation throughput with many adapters in one engine versus the base model and ICL.
+
+    .venv/bin/python bench/serve_throughput.py [--url http://host:port] [--requests 64] [--max-tokens 32]
+
+All requests of a scenario are in flight at once, so the engine batches them.
+Scenarios: the base model alone; the same 64 requests spread over 1, 4 and 16
+distinct generated adapters (created and loaded beforehand); and in-context
+learning: the base model with the task's 3 demos in the prompt instead of an
+adapter. Throughput is completion tokens / wall time. Without --url it starts
+`hypergen serve` (vLLM, max_loras=16). Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tasks import synthetic_task  # noqa: E402
+
+from server.launcher import ServerProcess  # noqa: E402
+
+
+def icl_prompt(task, word: str) -> str:
+    shots = "\n".join(f"Input: {d.input}\nOutput: {d.output}" for d in task.demos)
+    return f"{task.instruction}\n\n{shots}\nInput: {word}\nOutput:"
+
+
+async def scenario(client: httpx.AsyncClient, bodies: list[dict]) -> dict:
+    start = time.perf_counter()
+    responses = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+    wall = time.perf_counter() - start
+    for r in responses:
+        r.raise_for_status()
+    tokens = sum(r.json()["usage"]["completion_tokens"] for r in responses)
+    return {"tokens": tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 1)}
+
+
+async def run(url: str, n: int, max_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        offset = int(time.time())
+        tasks = [synthetic_task(offset + i) for i in range(16)]
+        ids = []
+        for task, word in tasks:
+            r = await client.post("/adapters", json={**task.to_dict(), "options": {"warm": True}})
+            ids.append(r.json()["adapter_id"])
+            await client.post("/generate", json={"prompt": word, "adapter_id": ids[-1], "max_tokens": 1})
+        sampling = {"max_tokens": max_tokens, "temperature": 0.0}
+
+        def bodies(k: int | None, icl: bool = False) -> list[dict]:
+            out = []
+            for i in range(n):
+                task, word = tasks[i % len(tasks)]
+                prompt = icl_prompt(task, word) if icl else f"{task.instruction}\nInput: {word}\nOutput:"
+                body = {"prompt": prompt, **sampling}
+                if k is not None:
+                    body["adapter_id"] = ids[i % k]
+                out.append(body)
+            return out
+
+        await scenario(client, bodies(None)[:8])  # warm-up
+        results = {"base": await scenario(client, bodies(None))}
+        for k in (1, 4, 16):
+            results[f"adapters_{k}"] = await scenario(client, bodies(k))
+        results["icl_3_demos"] = await scenario(client, bodies(None, icl=True))
+        base = results["base"]["tokens_per_s"]
+        for name, result in results.items():
+            result["vs_base"] = round(result["tokens_per_s"] / base, 2)
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+    server = None
+    if args.url is None:
+        env = {"HYPERGEN_ENGINE": "vllm", "HYPERGEN_REDIS_URL": "", "HYPERGEN_MAX_LORAS": "16"}
+        server = ServerProcess(Path(tempfile.mkdtemp()), env, "bench").wait_ready()
+        args.url = server.url
+    try:
+        results = asyncio.run(run(args.url, args.requests, args.max_tokens))
+        print(json.dumps({"requests": args.requests, "max_tokens": args.max_tokens, **results}))
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
