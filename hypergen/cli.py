@@ -55,6 +55,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from hypergen.train import TrainConfig, Trainer
+
+    config = TrainConfig.load(args.config)
+    if args.run_dir:
+        config = config.model_copy(update={"run_dir": args.run_dir})
+    out = Trainer(config).train(max_steps=args.max_steps)
+    print(out)
+    return 0
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from hypergen.data import load_sni
+    from hypergen.lora_train import train_lora
+    from hypergen.train import TrainConfig
+
+    config = TrainConfig.load(args.config) if args.config else TrainConfig()
+    tasks = load_sni(args.sni_dir, args.split, names=args.task or None)
+    instances = {t.name: t.instances[args.skip_first:] for t in tasks} if args.skip_first else None
+    print(train_lora(tasks, args.out, config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, instances=instances))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hypergen.evaluate import EvalConfig, Evaluation
+
+    config = EvalConfig(
+        sni_dir=args.sni_dir, out_dir=args.out, split=args.split, tasks=args.task, methods=args.methods.split(","),
+        max_instances=args.max_instances, k_demos=args.k, max_tokens=args.max_tokens,
+        checkpoint=args.checkpoint or "default", base_model=args.base_model, multitask_lora=args.multitask_lora,
+        oracle_dir=args.oracle_dir, engine=args.engine,
+    )
+    result = Evaluation(config).run()
+    print(json.dumps(result["methods"], indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hypergen", description="LoRA adapters from task descriptions.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -74,6 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe the base model, encoder, checkpoint and LoRA spec")
     model_args(info)
     info.set_defaults(func=cmd_info)
+    train = sub.add_parser("train", help="train a hypernetwork (resumes when run_dir has state)")
+    train.add_argument("config", help="JSON or YAML file with TrainConfig fields")
+    train.add_argument("--run-dir", help="override the config's run_dir")
+    train.add_argument("--max-steps", type=int, help="stop after this many steps (resume later)")
+    train.set_defaults(func=cmd_train)
+
+    lora = sub.add_parser("train-lora", help="train an ordinary PEFT LoRA on S-NI tasks (baselines, LoRA library)")
+    lora.add_argument("--sni-dir", required=True, help="S-NI folder (tasks/ and splits/)")
+    lora.add_argument("--split", default="train", help="split whose tasks to use when no --task is given")
+    lora.add_argument("--task", action="append", help="task name (repeatable); default: every task of --split")
+    lora.add_argument("--skip-first", type=int, default=0, help="leave each task's first N instances out (the evaluation ones)")
+    lora.add_argument("--steps", type=int, default=200)
+    lora.add_argument("--batch-size", type=int, default=8)
+    lora.add_argument("--lr", type=float, default=1e-3)
+    lora.add_argument("--config", help="TrainConfig file for base model, spec, dtype, threads")
+    lora.add_argument("--out", required=True)
+    lora.set_defaults(func=cmd_train_lora)
+
+    ev = sub.add_parser("eval", help="evaluate base / ICL / generated / LoRA baselines on held-out S-NI tasks")
+    ev.add_argument("--sni-dir", required=True)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--task", action="append", help="task name (repeatable); default: the whole split")
+    ev.add_argument("--methods", default="base,icl,generated,multitask_lora,oracle_lora")
+    ev.add_argument("--max-instances", type=int, default=20, help="scored instances per task (the first N)")
+    ev.add_argument("--k", type=int, default=3, help="demos for icl and generated")
+    ev.add_argument("--max-tokens", type=int, default=32)
+    ev.add_argument("--multitask-lora", help="PEFT folder of the multi-task LoRA")
+    ev.add_argument("--oracle-dir", help="folder of per-task LoRAs: <task>/adapter")
+    ev.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
+    ev.add_argument("--out", required=True, help="output folder (eval.json, eval.md, eval.png); re-run to resume")
+    model_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
     serve = sub.add_parser("serve", help="run the HTTP server (settings from HYPERGEN_* variables)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1, HYPERGEN_HOST)")
     serve.add_argument("--port", type=int, help="port (default 8000, HYPERGEN_PORT)")

@@ -1,0 +1,43 @@
+"""LM batches for supervised steps: prompt + target token rows, loss on target tokens only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LMBatch:
+    input_ids: torch.Tensor  # [B, S], right-padded
+    attention_mask: torch.Tensor  # [B, S]
+    target_pos: torch.Tensor  # [N] flat positions (b * S + s) whose next token is a target
+    target_ids: torch.Tensor  # [N]
+
+
+def make_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, max_prompt: int = 512, max_target: int = 48) -> LMBatch:
+    """rows = (prompt_ids, target_ids); long prompts keep their end (the input), targets their start."""
+    seqs, spans = [], []
+    for prompt, target in rows:
+        prompt, target = prompt[-max_prompt:], target[:max_target]
+        seqs.append(prompt + target)
+        spans.append((len(prompt), len(target)))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    pos, tgt = [], []
+    for b, (seq, (p, t)) in enumerate(zip(seqs, spans)):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        for k in range(t):
+            pos.append(b * width + p - 1 + k)  # the logit at position p-1+k predicts token p+k
+            tgt.append(seq[p + k])
+    return LMBatch(ids, mask, torch.tensor(pos), torch.tensor(tgt))
+
+
+def lm_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
+    """Mean cross-entropy over target tokens; the LM head runs on target positions only."""
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1])[batch.target_pos]
+    logits = model.get_output_embeddings()(picked).float()
+    return nn.functional.cross_entropy(logits, batch.target_ids)

@@ -1,0 +1,310 @@
+"""Evaluation on held-out tasks: base, ICL, generated adapters, multi-task LoRA, oracle LoRAs.
+
+Every method sees the same instances with the same prompt format, greedy decoding and
+token budget; answers are scored on their first line. Metrics per task (mean over its
+instances), then averaged over tasks: ROUGE-L F1 (rouge-score, lower-cased word tokens,
+best over the references; the S-NI standard) and exact match (after lower-casing and
+removing punctuation, articles and extra spaces), both in percent.
+
+Demos (for ``icl`` and ``generated``) come from the task's Positive Examples, topped up
+from instances outside the scored ones; the scored instances are each task's first
+``max_instances``, so per-task oracle LoRAs train on the rest. Results are written per
+(method, task) as they finish, so an interrupted evaluation resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from hypergen.data import TaskData, load_sni
+from hypergen.prompts import first_line, prompt_ids
+from hypergen.task import Demo
+
+log = logging.getLogger(__name__)
+
+METHODS = ("base", "icl", "generated", "multitask_lora", "oracle_lora")
+
+
+@dataclass
+class EvalConfig:
+    sni_dir: str
+    out_dir: str
+    split: str = "test"
+    tasks: list[str] | None = None
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    max_instances: int = 20
+    k_demos: int = 3
+    max_tokens: int = 32
+    checkpoint: str = "default"
+    base_model: str | None = None
+    multitask_lora: str | None = None
+    oracle_dir: str | None = None
+    engine: str = "auto"  # auto: vLLM when installed, else transformers
+
+
+# --- metrics -------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    text = text.lower()
+    text = "".join(c for c in text if c not in set(string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    return float(any(normalize(prediction) == normalize(r) for r in references))
+
+
+_SCORER = None
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"])
+    return max(_SCORER.score(r, prediction)["rougeL"].fmeasure for r in references)
+
+
+# --- engines -------------------------------------------------------------------
+
+
+class Generator:
+    """Greedy generation of many (prompt ids, adapter folder or None) requests."""
+
+    def __init__(self, model_path: str, engine: str, rank: int, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        if engine == "auto":
+            try:
+                import vllm  # noqa: F401
+
+                engine = "vllm"
+            except ImportError:
+                engine = "hf"
+        self.engine = engine
+        self.model_path = model_path
+        self.rank = rank
+        self._llm = None
+        self._hf = None
+        self._ids: dict[str, int] = {}
+
+    def __call__(self, requests: list[tuple[list[int], str | None]]) -> list[str]:
+        return self._vllm(requests) if self.engine == "vllm" else self._transformers(requests)
+
+    def _vllm(self, requests):
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        if self._llm is None:
+            self._llm = LLM(model=self.model_path, enable_lora=True, max_loras=8, max_lora_rank=max(8, self.rank),
+                            max_cpu_loras=64, enforce_eager=True, max_model_len=2048, seed=0)
+        loras = []
+        for _, path in requests:
+            if path is None:
+                loras.append(None)
+                continue
+            self._ids.setdefault(path, len(self._ids) + 1)
+            loras.append(LoRARequest(f"a{self._ids[path]}", self._ids[path], path))
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
+        outs = self._llm.generate([{"prompt_token_ids": ids} for ids, _ in requests], params, lora_request=loras, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+    def _transformers(self, requests):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self._hf is None:
+            tok = AutoTokenizer.from_pretrained(self.model_path)
+            self._hf = [AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.bfloat16).eval(), tok]
+        model, tok = self._hf
+        texts = []
+        for ids, path in requests:
+            if path is None:
+                context = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
+            else:
+                name = f"a{self._ids.setdefault(path, len(self._ids) + 1)}"
+                if not isinstance(model, PeftModel):
+                    model = self._hf[0] = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
+                elif name not in model.peft_config:
+                    model.load_adapter(path, adapter_name=name)
+                model.set_adapter(name)
+                context = nullcontext()
+            with torch.inference_mode(), context:
+                out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=self.max_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            texts.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+        return texts
+
+
+# --- harness -------------------------------------------------------------------
+
+
+def demos_for(task: TaskData, k: int, max_instances: int) -> list[Demo]:
+    pool = list(task.demos) + [Demo(i.input, i.outputs[0]) for i in task.instances[max_instances:]]
+    return pool[:k]
+
+
+class Evaluation:
+    def __init__(self, config: EvalConfig) -> None:
+        from hypergen.base_model import load_tokenizer, resolve_base_model
+        from hypergen.generator import HyperGenerator
+
+        self.config = config
+        self.out = Path(config.out_dir)
+        (self.out / "partial").mkdir(parents=True, exist_ok=True)
+        self.tasks = load_sni(config.sni_dir, config.split, names=config.tasks)
+        self.hyper = HyperGenerator.from_pretrained(config.checkpoint, base_model=config.base_model) if "generated" in config.methods else None
+        base = config.base_model or (self.hyper.base_model if self.hyper else "smollm2-135m-instruct")
+        self.base = base
+        self.tokenizer = load_tokenizer(base)
+        rank = self.hyper.spec.rank if self.hyper else 8
+        self.generate = Generator(resolve_base_model(base), config.engine, rank, config.max_tokens)
+
+    def _partial(self, method: str, task: str) -> Path:
+        return self.out / "partial" / method / f"{task}.json"
+
+    def _adapter_for(self, method: str, task: TaskData) -> str | None | bool:
+        """Adapter folder for a (method, task), None for no adapter, False when the method skips the task."""
+        if method in ("base", "icl"):
+            return None
+        if method == "generated":
+            folder = self.out / "adapters" / task.name
+            if not (folder / "adapter_config.json").is_file():
+                self.hyper.generate(task.task(demos_for(task, self.config.k_demos, self.config.max_instances))).save_peft(folder)
+            return str(folder)
+        if method == "multitask_lora":
+            return self.config.multitask_lora or False
+        if method == "oracle_lora":
+            folder = Path(self.config.oracle_dir or "") / task.name / "adapter"
+            return str(folder) if self.config.oracle_dir and (folder / "adapter_config.json").is_file() else False
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+    def run(self) -> dict[str, Any]:
+        units = [(m, t) for m in self.config.methods for t in self.tasks if not self._partial(m, t.name).is_file()]
+        with tqdm(total=len(self.config.methods) * len(self.tasks), initial=len(self.config.methods) * len(self.tasks) - len(units), desc="eval", unit="task") as bar:
+            for method in self.config.methods:
+                pending = [t for m, t in units if m == method]
+                for start in range(0, len(pending), 8):  # a chunk of tasks per engine call, results saved per task
+                    chunk = pending[start : start + 8]
+                    requests, owners = [], []
+                    for task in chunk:
+                        adapter = self._adapter_for(method, task)
+                        if adapter is False:
+                            self._save(method, task, None)
+                            continue
+                        demos = demos_for(task, self.config.k_demos, self.config.max_instances) if method == "icl" else ()
+                        for inst in task.instances[: self.config.max_instances]:
+                            requests.append((prompt_ids(self.tokenizer, task.instruction, inst.input, demos), adapter))
+                            owners.append((task, inst))
+                    texts = self.generate(requests) if requests else []
+                    per_task: dict[str, list[dict[str, Any]]] = {}
+                    for (task, inst), text in zip(owners, texts):
+                        answer = first_line(text)
+                        per_task.setdefault(task.name, []).append({
+                            "input": inst.input, "references": list(inst.outputs), "prediction": answer,
+                            "rougeL": 100 * rouge_l(answer, inst.outputs), "exact_match": 100 * exact_match(answer, inst.outputs),
+                        })
+                    for task in chunk:
+                        if task.name in per_task:
+                            self._save(method, task, per_task[task.name])
+                    bar.set_postfix(method=method)
+                    bar.update(len(chunk))
+        return self.report()
+
+    def _save(self, method: str, task: TaskData, rows: list[dict[str, Any]] | None) -> None:
+        path = self._partial(method, task.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"skipped": rows is None, "rows": rows or []}))
+
+    def report(self) -> dict[str, Any]:
+        tasks: dict[str, dict[str, dict[str, float]]] = {}
+        for method in self.config.methods:
+            for task in self.tasks:
+                data = json.loads(self._partial(method, task.name).read_text())
+                if data["skipped"] or not data["rows"]:
+                    continue
+                rows = data["rows"]
+                tasks.setdefault(task.name, {})[method] = {
+                    "rougeL": round(sum(r["rougeL"] for r in rows) / len(rows), 2),
+                    "exact_match": round(sum(r["exact_match"] for r in rows) / len(rows), 2),
+                    "n": len(rows),
+                }
+        methods = {m: _mean([tasks[t][m] for t in tasks if m in tasks[t]]) for m in self.config.methods}
+        oracle_tasks = [t for t in tasks if "oracle_lora" in tasks[t]]
+        result = {
+            "methods": {m: v for m, v in methods.items() if v},
+            "tasks": tasks,
+            "setup": {
+                **{k: v for k, v in asdict(self.config).items() if k not in ("out_dir",)},
+                "base_model": self.base,
+                "engine": self.generate.engine,
+                "hypernetwork": self.hyper.fingerprint if self.hyper else None,
+                "n_tasks": len(tasks),
+                "decoding": f"greedy, {self.config.max_tokens} tokens, first line of the answer",
+                "oracle_subset": oracle_tasks,
+                "methods_on_oracle_subset": {m: _mean([tasks[t][m] for t in oracle_tasks if m in tasks[t]]) for m in self.config.methods},
+            },
+        }
+        (self.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        (self.out / "eval.md").write_text(markdown_table(result))
+        bar_chart(result, self.out / "eval.png")
+        return result
+
+
+def _mean(values: list[dict[str, float]]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {
+        "rougeL": round(sum(v["rougeL"] for v in values) / len(values), 2),
+        "exact_match": round(sum(v["exact_match"] for v in values) / len(values), 2),
+        "tasks": len(values),
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    methods = list(result["methods"])
+    lines = ["| method | ROUGE-L | exact match | tasks |", "| --- | ---: | ---: | ---: |"]
+    for m in methods:
+        v = result["methods"][m]
+        lines.append(f"| {m} | {v['rougeL']:.1f} | {v['exact_match']:.1f} | {v['tasks']} |")
+    lines += ["", "Per task (ROUGE-L):", "", "| task | " + " | ".join(methods) + " |", "| --- |" + " ---: |" * len(methods)]
+    for task, scores in sorted(result["tasks"].items()):
+        cells = [f"{scores[m]['rougeL']:.1f}" if m in scores else "" for m in methods]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(result["methods"])
+    rouge = [result["methods"][m]["rougeL"] for m in methods]
+    em = [result["methods"][m]["exact_match"] for m in methods]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    x = range(len(methods))
+    ax.bar([i - 0.2 for i in x], rouge, width=0.4, label="ROUGE-L")
+    ax.bar([i + 0.2 for i in x], em, width=0.4, label="exact match")
+    for i, (r, e) in enumerate(zip(rouge, em)):
+        ax.text(i - 0.2, r + 0.5, f"{r:.1f}", ha="center", fontsize=8)
+        ax.text(i + 0.2, e + 0.5, f"{e:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(list(x), methods)
+    ax.set_ylabel("percent")
+    ax.set_title(f"Held-out S-NI tasks ({result['setup']['n_tasks']}), {result['setup']['base_model']}")
+    ax.legend()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,35 @@
+"""How a task instance becomes a chat prompt. Training and every evaluation method share it."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from hypergen.task import Demo
+
+
+def user_message(instruction: str, text: str, demos: Sequence[Demo] = ()) -> str:
+    """Instruction, then (for in-context learning) worked examples, then the input."""
+    parts = [instruction.strip()]
+    if demos:
+        shots = "\n\n".join(f"Input: {d.input}\nOutput: {d.output}" for d in demos)
+        parts.append(f"Examples:\n\n{shots}")
+    parts.append(f"Input: {text}\nOutput:")
+    return "\n\n".join(p for p in parts if p)
+
+
+def prompt_ids(tokenizer: Any, instruction: str, text: str, demos: Sequence[Demo] = ()) -> list[int]:
+    messages = [{"role": "user", "content": user_message(instruction, text, demos)}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def target_ids(tokenizer: Any, output: str) -> list[int]:
+    """The answer tokens the model is trained to produce, ending with the turn's end token."""
+    end = tokenizer.eos_token_id
+    return tokenizer(output.strip(), add_special_tokens=False)["input_ids"] + [end]
+
+
+def first_line(text: str) -> str:
+    """Answers are scored on their first non-empty line, as S-NI outputs are one line."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""

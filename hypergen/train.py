@@ -1,0 +1,375 @@
+"""Training the hypernetwork: multi-task SFT through the frozen base model (and optional stages).
+
+``hypergen train CONFIG`` (JSON or YAML, fields of ``TrainConfig``). Each step samples
+several tasks, describes each by its instruction and 0..k demos, generates all their
+LoRAs in one batched hypernetwork pass, applies them to the frozen base with forward
+hooks (no copy of the model), and takes the LM loss on target tokens only. Only the
+hypernetwork trains.
+
+Stages, run in the order given in ``stages``:
+- ``pretrain`` (HyperT5's hyper-pretraining): the hypernetwork reads one segment of a
+  text, the base model continues the next segment under the generated LoRA.
+- ``reconstruct`` (Text-to-LoRA): match a library of per-task LoRAs trained with
+  ``hypergen train-lora`` (Frobenius distance between generated and library delta-W).
+- ``mtf``: multi-task fine-tuning on task instances (the main stage).
+
+The constrained loss (HyperLoRA): ``reg_weight`` times the mean squared Frobenius norm
+of the generated delta-W = scaling * B A, which keeps generated weights well-scaled;
+``anchor_weight`` optionally adds a KL term keeping the adapted model close to the
+base model on general prompts. Both are logged per step.
+
+State (hypernetwork, optimizer, step) is saved every ``checkpoint_every`` steps in
+safetensors + JSON under ``run_dir/state``; re-running the same command resumes.
+Sampling is seeded by (seed, step), so a resumed run takes the same next step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from hypergen.base_model import load_model, load_tokenizer
+from hypergen.batching import LMBatch, lm_loss, make_batch
+from hypergen.data import TaskData, load_jsonl_tasks, load_sni
+from hypergen.generator import HyperGenerator, encode_tasks
+from hypergen.hypernet import HyperNetwork
+from hypergen.lora_apply import lora_applied
+from hypergen.prompts import prompt_ids, target_ids
+from hypergen.settings import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
+from hypergen.synthetic import paraphrase, synthetic_tasks
+from hypergen.task import Demo, Task
+from hypergen.train_state import has_state, load_optimizer, save_optimizer, swap_in
+
+log = logging.getLogger(__name__)
+
+ANCHOR_PROMPTS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three colours.",
+    "Explain what a verb is in one sentence.",
+    "How many days are in a week?",
+    "Give me a synonym for happy.",
+]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = "runs/hypernet"
+    base_model: str = DEFAULT_BASE_MODEL
+    encoder: str = DEFAULT_ENCODER
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    rank: int = 8
+    alpha: float = 16.0
+    d_model: int = 256
+    d_hidden: int = 512
+    n_blocks: int = 2
+    init_checkpoint: str | None = Field(default=None, description="start from this checkpoint's weights")
+
+    sni_dir: str | None = None
+    sni_split: str = "train"
+    sni_limit: int | None = None
+    jsonl_tasks: list[str] = Field(default_factory=list)
+    synthetic_tasks: int = 0
+    paraphrase_prob: float = 0.0
+    pretrain_texts: str | None = Field(default=None, description="text file (one document a line); default: the training tasks' inputs")
+    lora_library: str | None = Field(default=None, description="folder of PEFT LoRAs named by task, for 'reconstruct'")
+
+    stages: list[Literal["pretrain", "reconstruct", "mtf"]] = ["mtf"]
+    steps: int = 250
+    pretrain_steps: int = 0
+    reconstruct_steps: int = 0
+    tasks_per_step: int = 4
+    instances_per_task: int = 2
+    max_demos: int = 3
+    max_prompt_tokens: int = 384
+    max_target_tokens: int = 32
+
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    reg_weight: float = 1e-3
+    anchor_weight: float = 0.0
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    checkpoint_every: int = 25
+    seed: int = 0
+    threads: int = 0
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
+        return cls(**(data or {}))
+
+    def stage_plan(self) -> list[tuple[str, int]]:
+        counts = {"pretrain": self.pretrain_steps, "reconstruct": self.reconstruct_steps, "mtf": self.steps}
+        return [(s, counts[s]) for s in self.stages if counts[s] > 0]
+
+
+def lr_at(config: TrainConfig, step: int, total: int) -> float:
+    """Linear warm-up, then cosine down to min_lr_ratio * lr."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def delta_sq_norm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """||scaling * B A||_F^2 per (task, layer) from the r x r Gram matrices (never forms delta-W)."""
+    return scaling**2 * ((b.transpose(-1, -2) @ b) * (a @ a.transpose(-1, -2))).sum((-1, -2))
+
+
+def delta_sq_distance(a1, b1, a2, b2, scaling: float) -> torch.Tensor:
+    """||s B1 A1 - s B2 A2||_F^2, also through r x r products."""
+    cross = ((b1.transpose(-1, -2) @ b2) * (a1 @ a2.transpose(-1, -2))).sum((-1, -2))
+    return delta_sq_norm(a1, b1, scaling) + delta_sq_norm(a2, b2, scaling) - 2 * scaling**2 * cross
+
+
+def load_training_tasks(config: TrainConfig) -> list[TaskData]:
+    tasks: list[TaskData] = []
+    if config.sni_dir:
+        tasks += load_sni(config.sni_dir, config.sni_split, limit=config.sni_limit)
+    for path in config.jsonl_tasks:
+        tasks += load_jsonl_tasks(path)
+    if config.synthetic_tasks:
+        tasks += synthetic_tasks(config.synthetic_tasks, seed=config.seed)
+    usable = [t for t in tasks if len(t.instances) >= 2]
+    if not usable:
+        raise ValueError("no training tasks: set sni_dir, jsonl_tasks or synthetic_tasks")
+    return usable
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.tokenizer = load_tokenizer(config.base_model)
+        self.model = load_model(config.base_model, dtype=config.dtype)
+        if config.init_checkpoint:
+            self.generator = HyperGenerator.from_pretrained(config.init_checkpoint, base_model=config.base_model)
+        else:
+            spec = {"target_modules": tuple(config.target_modules), "rank": config.rank, "alpha": config.alpha}
+            self.generator = HyperGenerator.untrained(
+                config.base_model, spec, config.encoder, seed=config.seed,
+                d_model=config.d_model, d_hidden=config.d_hidden, n_blocks=config.n_blocks,
+            )
+        self.net: HyperNetwork = self.generator.network.train()
+        self.spec = self.net.spec
+        self.tasks = load_training_tasks(config)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+        self._library: dict[str, Any] | None = None
+        self._texts: list[str] | None = None
+
+    # --- sampling -------------------------------------------------------------
+
+    def _describe(self, task: TaskData, rng: random.Random, exclude: set[int]) -> Task:
+        """Instruction (maybe paraphrased) and 0..max_demos demos, never from the scored instances."""
+        pool = list(task.demos) + [Demo(inst.input, inst.outputs[0]) for i, inst in enumerate(task.instances) if i not in exclude]
+        k = rng.randint(0, min(self.config.max_demos, len(pool)))
+        instruction = task.instruction
+        if self.config.paraphrase_prob and rng.random() < self.config.paraphrase_prob:
+            instruction = paraphrase(instruction, rng)
+        if not instruction.strip() and k == 0:
+            k = 1
+        return Task(instruction, tuple(rng.sample(pool, k)))
+
+    def _rows(self, instruction: str, instances) -> list[tuple[list[int], list[int]]]:
+        return [(prompt_ids(self.tokenizer, instruction, inst.input), target_ids(self.tokenizer, inst.outputs[0])) for inst in instances]
+
+    def sample_mtf(self, rng: random.Random) -> tuple[list[Task], list[tuple[list[int], list[int]]], list[int]]:
+        picked = rng.sample(self.tasks, min(self.config.tasks_per_step, len(self.tasks)))
+        descriptions, rows, row_task = [], [], []
+        for t, task in enumerate(picked):
+            idx = rng.sample(range(len(task.instances)), min(self.config.instances_per_task, len(task.instances)))
+            descriptions.append(self._describe(task, rng, set(idx)))
+            rows += self._rows(task.instruction, [task.instances[i] for i in idx])
+            row_task += [t] * len(idx)
+        return descriptions, rows, row_task
+
+    def sample_pretrain(self, rng: random.Random):
+        if self._texts is None:
+            if self.config.pretrain_texts:
+                self._texts = [l for l in Path(self.config.pretrain_texts).read_text().splitlines() if len(l.split()) >= 12]
+            else:
+                self._texts = [f"{t.instruction} {i.input} {i.outputs[0]}" for t in self.tasks for i in t.instances]
+                self._texts = [x for x in self._texts if len(x.split()) >= 12]
+        descriptions, rows, row_task = [], [], []
+        for t in range(self.config.tasks_per_step):
+            words = rng.choice(self._texts).split()
+            cut1 = len(words) // 2
+            cut2 = cut1 + max(2, (len(words) - cut1) // 3)
+            descriptions.append(Task(" ".join(words[:cut1])))
+            prompt = self.tokenizer(" ".join(words[cut1:cut2]), add_special_tokens=False)["input_ids"]
+            target = self.tokenizer(" " + " ".join(words[cut2:]), add_special_tokens=False)["input_ids"]
+            rows.append((prompt, target))
+            row_task.append(t)
+        return descriptions, rows, row_task
+
+    # --- losses ---------------------------------------------------------------
+
+    def _weights(self, descriptions: list[Task]):
+        batch = encode_tasks(self.generator.encoder, descriptions)
+        return self.net(batch.items, batch.kinds, batch.mask)
+
+    def _reg(self, weights) -> torch.Tensor:
+        norms = [delta_sq_norm(a, b, self.spec.scaling) for a, b in weights.values()]
+        return torch.stack([n.mean() for n in norms]).mean()
+
+    def _anchor(self, weights, n_tasks: int, rng: random.Random) -> torch.Tensor:
+        prompts = [prompt_ids(self.tokenizer, "", rng.choice(ANCHOR_PROMPTS)) for _ in range(n_tasks)]
+        batch = make_batch([(p, []) for p in prompts], self.tokenizer.pad_token_id or 0)
+        with torch.no_grad():
+            base = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        with lora_applied(self.model, self.spec, weights, torch.arange(n_tasks)):
+            adapted = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        kl = torch.nn.functional.kl_div(adapted.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+        return (kl * batch.attention_mask).sum() / batch.attention_mask.sum()
+
+    def supervised_loss(self, descriptions, rows, row_task, rng) -> tuple[torch.Tensor, dict[str, float]]:
+        weights = self._weights(descriptions)
+        batch: LMBatch = make_batch(rows, self.tokenizer.pad_token_id or 0, self.config.max_prompt_tokens, self.config.max_target_tokens)
+        with lora_applied(self.model, self.spec, weights, torch.tensor(row_task)):
+            lm = lm_loss(self.model, batch)
+        reg = self._reg(weights)
+        loss = lm + self.config.reg_weight * reg
+        logs = {"lm_loss": lm.item(), "reg": reg.item(), "delta_norm": reg.sqrt().item()}
+        if self.config.anchor_weight:
+            anchor = self._anchor(weights, len(descriptions), rng)
+            loss = loss + self.config.anchor_weight * anchor
+            logs["anchor_kl"] = anchor.item()
+        return loss, logs
+
+    def reconstruct_loss(self, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+        if self._library is None:
+            self._library = load_lora_library(self.config.lora_library, {t.name: t for t in self.tasks})
+        names = rng.sample(sorted(self._library), min(self.config.tasks_per_step, len(self._library)))
+        descriptions = [self._library[n][0] for n in names]
+        weights = self._weights(descriptions)
+        dist = []
+        for module, (a, b) in weights.items():
+            a_ref = torch.stack([self._library[n][1][module][0] for n in names])
+            b_ref = torch.stack([self._library[n][1][module][1] for n in names])
+            dist.append(delta_sq_distance(a, b, a_ref, b_ref, self.spec.scaling).mean())
+        loss = torch.stack(dist).mean()
+        return loss, {"recon_loss": loss.item(), "reg": self._reg(weights).item()}
+
+    # --- loop -----------------------------------------------------------------
+
+    def stage_at(self, step: int) -> str:
+        for stage, count in self.config.stage_plan():
+            if step < count:
+                return stage
+            step -= count
+        return "mtf"
+
+    def train_step(self) -> dict[str, float]:
+        rng = random.Random(f"{self.config.seed}:{self.step}")
+        total = sum(n for _, n in self.config.stage_plan())
+        lr = lr_at(self.config, self.step, total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stage = self.stage_at(self.step)
+        start = time.perf_counter()
+        if stage == "reconstruct":
+            loss, logs = self.reconstruct_loss(rng)
+        else:
+            sample = self.sample_pretrain(rng) if stage == "pretrain" else self.sample_mtf(rng)
+            loss, logs = self.supervised_loss(*sample, rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return {"step": self.step, "stage": stage, "loss": loss.item(), **logs, "lr": lr,
+                "grad_norm": float(grad_norm), "seconds": round(time.perf_counter() - start, 3)}
+
+    def train(self, max_steps: int | None = None) -> Path:
+        """Runs (or resumes) to the end of the plan; returns the exported checkpoint folder."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
+        self.load_state()
+        total = sum(n for _, n in self.config.stage_plan())
+        end = min(total, self.step + max_steps) if max_steps else total
+        with open(self.run_dir / "log.jsonl", "a") as log_file, tqdm(total=total, initial=self.step, desc="train", unit="step") as bar:
+            while self.step < end:
+                record = self.train_step()
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", stage=record["stage"])
+                bar.update(1)
+                if self.step % self.config.checkpoint_every == 0 or self.step == end:
+                    self.save_state()
+        return self.export() if self.step >= total else self.run_dir / "state"
+
+    # --- state ----------------------------------------------------------------
+
+    def save_state(self) -> None:
+        """Hypernetwork + optimizer in safetensors, step and hyper-parameters in JSON (no pickle)."""
+        tmp = self.run_dir / "state.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.net.save(tmp, dtype=torch.float32)
+        save_optimizer(self.optimizer, tmp, self.step)
+        swap_in(tmp, self.run_dir / "state")
+
+    def load_state(self) -> bool:
+        state_dir = self.run_dir / "state"
+        if not has_state(state_dir):
+            return False
+        net, _ = HyperNetwork.load(state_dir)
+        self.net.load_state_dict(net.state_dict())
+        self.step = load_optimizer(self.optimizer, state_dir)
+        log.info("resumed %s at step %d", self.run_dir, self.step)
+        return True
+
+    def export(self) -> Path:
+        """The final checkpoint folder (bf16 weights) with its training provenance."""
+        self.net.config.training = {
+            "stages": self.config.stage_plan(),
+            "steps": self.step,
+            "tasks": len(self.tasks),
+            "sni_split": self.config.sni_split if self.config.sni_dir else None,
+            "synthetic_tasks": self.config.synthetic_tasks,
+            "tasks_per_step": self.config.tasks_per_step,
+            "instances_per_task": self.config.instances_per_task,
+            "max_demos": self.config.max_demos,
+            "lr": self.config.lr,
+            "reg_weight": self.config.reg_weight,
+            "anchor_weight": self.config.anchor_weight,
+            "dtype": self.config.dtype,
+        }
+        return self.net.save(self.run_dir / "checkpoint", dtype=torch.bfloat16)
+
+
+def load_lora_library(folder: str | None, tasks: dict[str, TaskData]) -> dict[str, tuple[Task, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """{task name: (description, {module: (A [L, r, in], B [L, out, r])})} from PEFT folders named by task."""
+    from hypergen.adapter import Adapter
+
+    if not folder:
+        raise ValueError("the 'reconstruct' stage needs lora_library")
+    library = {}
+    for sub in sorted(Path(folder).iterdir()):
+        if sub.name not in tasks or not (sub / "adapter_config.json").is_file():
+            continue
+        adapter = Adapter.load_peft(sub)
+        n_layers = 1 + max(int(k.split(".layers.")[1].split(".")[0]) for k in adapter.tensors)
+        modules = {m: (torch.stack([adapter.layer_weights(i, m)[0] for i in range(n_layers)]).float(),
+                       torch.stack([adapter.layer_weights(i, m)[1] for i in range(n_layers)]).float())
+                   for m in adapter.target_modules}
+        library[sub.name] = (tasks[sub.name].task(), modules)
+    if not library:
+        raise ValueError(f"no LoRA in {folder} matches a training task name")
+    return library

@@ -1,0 +1,126 @@
+"""Training and evaluation on a tiny random Llama and self-written tasks (no shared data)."""
+import json
+import random
+
+import pytest
+import torch
+
+from hypergen.batching import make_batch
+from hypergen.train import TrainConfig, Trainer, delta_sq_distance, delta_sq_norm
+
+from test_data import sni_task, write_sni
+
+
+@pytest.fixture()
+def tiny_config(tiny_llama_dir, tmp_path):
+    return TrainConfig(
+        run_dir=str(tmp_path / "run"), base_model=str(tiny_llama_dir), synthetic_tasks=12, steps=4, tasks_per_step=2,
+        instances_per_task=2, warmup_steps=1, lr=1e-3, checkpoint_every=2, d_model=64, d_hidden=64, n_blocks=1, dtype="float32",
+    )
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
+    trainer = Trainer(tiny_config)
+    sample = trainer.sample_mtf(random.Random(0))
+    before, _ = trainer.supervised_loss(*sample, random.Random(0))
+    head_before = trainer.net.b_heads["q_proj"].weight.detach().clone()
+    base_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.optimizer.zero_grad()
+    before.backward()
+    trainer.optimizer.step()
+    after, logs = trainer.supervised_loss(*sample, random.Random(0))
+    assert after.item() < before.item()
+    assert not torch.equal(head_before, trainer.net.b_heads["q_proj"].weight)
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in base_before.items())  # base frozen
+    assert logs["delta_norm"] > 0
+
+
+def test_resume_takes_the_same_next_step(tiny_config):
+    straight = Trainer(tiny_config.model_copy(update={"run_dir": tiny_config.run_dir + "-a"}))
+    straight.train(max_steps=2)
+    expected = straight.train_step()
+
+    interrupted = Trainer(tiny_config.model_copy(update={"run_dir": tiny_config.run_dir + "-b"}))
+    interrupted.train(max_steps=2)  # saves state at step 2
+    resumed = Trainer(tiny_config.model_copy(update={"run_dir": tiny_config.run_dir + "-b"}))
+    assert resumed.load_state() and resumed.step == 2
+    got = resumed.train_step()
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert got["lr"] == expected["lr"]
+
+
+def test_full_run_exports_a_checkpoint_with_provenance_and_log(tiny_config):
+    from hypergen.generator import HyperGenerator
+
+    out = Trainer(tiny_config).train()
+    gen = HyperGenerator.from_pretrained(out)
+    assert gen.trained and gen.info()["training"]["steps"] == 4
+    lines = [json.loads(l) for l in (out.parent / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    assert {"lm_loss", "reg", "delta_norm", "grad_norm", "lr"} <= set(lines[0])
+
+
+def test_delta_norms_match_dense_computation():
+    a1, b1, a2, b2 = torch.randn(3, 4, 10), torch.randn(3, 6, 4), torch.randn(3, 4, 10), torch.randn(3, 6, 4)
+    dense = (2 * b1 @ a1).pow(2).sum((-1, -2))
+    torch.testing.assert_close(delta_sq_norm(a1, b1, 2.0), dense)
+    torch.testing.assert_close(delta_sq_distance(a1, b1, a2, b2, 2.0), (2 * b1 @ a1 - 2 * b2 @ a2).pow(2).sum((-1, -2)))
+
+
+def test_batches_train_on_targets_only():
+    batch = make_batch([([1, 2, 3], [7, 8]), ([4], [9])], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 7, 8], [4, 9, 0, 0, 0]]
+    assert batch.target_ids.tolist() == [7, 8, 9]
+    assert batch.target_pos.tolist() == [2, 3, 5]
+
+
+def test_train_lora_produces_a_peft_folder(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hypergen.data import load_sni
+    from hypergen.lora_train import train_lora
+
+    write_sni(tmp_path / "sni", {"task1": sni_task("task1")})
+    config = TrainConfig(base_model=str(tiny_llama_dir), dtype="float32", warmup_steps=1, checkpoint_every=2)
+    folder = train_lora(load_sni(tmp_path / "sni", "train"), tmp_path / "lora", config, steps=3, batch_size=2)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), folder)
+    b = [v for k, v in model.state_dict().items() if "lora_B" in k]
+    assert len(b) == 4 and any(t.abs().sum() > 0 for t in b)
+
+
+def test_evaluation_writes_json_table_and_chart_and_resumes(generator, checkpoint_dir, tmp_path):
+    from hypergen.evaluate import EvalConfig, Evaluation
+
+    sni = write_sni(tmp_path / "sni", {
+        "task_a": sni_task("task_a", 6),
+        "task_b": sni_task("task_b", 6, "Repeat the word."),
+    }, split="test")
+    generator.generate(generator_task := __import__("hypergen").Task("x")).save_peft(tmp_path / "oracle" / "task_a" / "adapter")
+    generator.generate(generator_task).save_peft(tmp_path / "multi")
+    config = EvalConfig(
+        sni_dir=str(sni), out_dir=str(tmp_path / "eval"), max_instances=3, max_tokens=6, checkpoint=str(checkpoint_dir),
+        multitask_lora=str(tmp_path / "multi"), oracle_dir=str(tmp_path / "oracle"), engine="hf",
+    )
+    result = Evaluation(config).run()
+    assert set(result["methods"]) == {"base", "icl", "generated", "multitask_lora", "oracle_lora"}
+    assert set(result["tasks"]) == {"task_a", "task_b"}
+    assert "oracle_lora" in result["tasks"]["task_a"] and "oracle_lora" not in result["tasks"]["task_b"]
+    assert result["methods"]["oracle_lora"]["tasks"] == 1 and result["tasks"]["task_a"]["base"]["n"] == 3
+    for v in result["methods"].values():
+        assert 0 <= v["rougeL"] <= 100 and 0 <= v["exact_match"] <= 100
+    out = tmp_path / "eval"
+    assert json.loads((out / "eval.json").read_text())["setup"]["engine"] == "hf"
+    assert "| generated |" in (out / "eval.md").read_text()
+    assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    partial = out / "partial" / "base" / "task_a.json"
+    stamp = partial.stat().st_mtime_ns
+    again = Evaluation(config).run()  # resumes: nothing is generated again
+    assert partial.stat().st_mtime_ns == stamp and again["methods"] == result["methods"]
+
+
+def test_metrics():
+    from hypergen.evaluate import exact_match, rouge_l
+
+    assert exact_match("The Answer.", ["answer"]) == 1.0 and exact_match("no", ["yes"]) == 0.0
+    assert rouge_l("the cat sat", ["cat sat down", "dog"]) == pytest.approx(2 / 3)  # LCS 2 of 3 tokens each way
