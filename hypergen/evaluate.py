@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import string
 from contextlib import nullcontext
@@ -107,6 +108,10 @@ class Generator:
         from vllm.lora.request import LoRARequest
 
         if self._llm is None:
+            import torch
+
+            if not torch.cuda.is_available():  # else vLLM's CPU backend reserves most of the machine's memory
+                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
             self._llm = LLM(model=self.model_path, enable_lora=True, max_loras=8, max_lora_rank=max(8, self.rank),
                             max_cpu_loras=64, enforce_eager=True, max_model_len=2048, seed=0)
         loras = []
@@ -171,6 +176,22 @@ class Evaluation:
         self.tokenizer = load_tokenizer(base)
         rank = self.hyper.spec.rank if self.hyper else 8
         self.generate = Generator(resolve_base_model(base), config.engine, rank, config.max_tokens)
+        self._check_resume()
+
+    def _check_resume(self) -> None:
+        """Partial results are reused only under the same setup (data, budget, checkpoint, baselines)."""
+        keys = ("sni_dir", "split", "max_instances", "k_demos", "max_tokens", "multitask_lora", "oracle_dir")
+        setup = {k: getattr(self.config, k) for k in keys}
+        setup["hypernetwork"] = self.hyper.fingerprint if self.hyper else None
+        setup["base_model"] = self.base
+        path = self.out / "eval_setup.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            changed = sorted(k for k in setup if k in saved and saved[k] != setup[k] and saved[k] is not None and setup[k] is not None)
+            if changed:
+                raise ValueError(f"{self.out} holds results of another setup ({', '.join(changed)} differ); use a new --out")
+            setup = {**saved, **{k: v for k, v in setup.items() if v is not None}}
+        path.write_text(json.dumps(setup, indent=2))
 
     def _partial(self, method: str, task: str) -> Path:
         return self.out / "partial" / method / f"{task}.json"

@@ -362,9 +362,10 @@ def load_lora_library(folder: str | None, tasks: dict[str, TaskData]) -> dict[st
         raise ValueError("the 'reconstruct' stage needs lora_library")
     library = {}
     for sub in sorted(Path(folder).iterdir()):
-        if sub.name not in tasks or not (sub / "adapter_config.json").is_file():
+        peft_dir = sub / "adapter" if (sub / "adapter" / "adapter_config.json").is_file() else sub  # train-lora's layout too
+        if sub.name not in tasks or not (peft_dir / "adapter_config.json").is_file():
             continue
-        adapter = Adapter.load_peft(sub)
+        adapter = Adapter.load_peft(peft_dir)
         n_layers = 1 + max(int(k.split(".layers.")[1].split(".")[0]) for k in adapter.tensors)
         modules = {m: (torch.stack([adapter.layer_weights(i, m)[0] for i in range(n_layers)]).float(),
                        torch.stack([adapter.layer_weights(i, m)[1] for i in range(n_layers)]).float())

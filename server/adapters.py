@@ -136,10 +136,16 @@ class AdapterService:
             token = await self.redis.acquire_lock(adapter_id, LOCK_TTL_MS)
             if token is None and self.redis.available:
                 # Another replica is generating it: wait for its result rather than duplicate work.
-                entry = self._verified("redis", adapter_id, await self.redis.wait_for(adapter_id, LOCK_TTL_MS / 1000))
-                if entry is not None:
-                    self.memory.put(adapter_id, entry)
-                    return AdapterRecord(adapter_id, entry.blob, entry.meta, "redis")
+                found = await self.redis.wait_for(adapter_id, LOCK_TTL_MS / 1000)
+            else:
+                # Double-checked: a replica may have finished between our miss and our lock.
+                found = await self.redis.get(adapter_id) if token is not None else None
+            entry = self._verified("redis", adapter_id, found) if found is not None else None
+            if entry is not None:
+                if token is not None:
+                    await self.redis.release_lock(adapter_id, token)
+                self.memory.put(adapter_id, entry)
+                return AdapterRecord(adapter_id, entry.blob, entry.meta, "redis")
         try:
             start = time.perf_counter()
             blob, meta = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_hypernetwork, task)

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.adapters import AdapterRecord, AdapterService
+from server.adapters import AdapterRecord, AdapterService, is_adapter_id
 from server.errors import ApiError
-from server.generation import Prepared
+from server.generation import Prepared, task_from
 from server.schemas import AdapterOut, AdapterRequest, ErrorOut, GenerateOut, GenerateRequest
 from server.state import ServerState, get_state, require_api_key
 
@@ -20,10 +20,10 @@ router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
 health = APIRouter()
 
 
-def adapter_out(record: AdapterRecord, request: Request) -> AdapterOut:
+def adapter_out(record: AdapterRecord) -> AdapterOut:
     base = f"/adapters/{record.adapter_id}"
     return AdapterOut(
-        **{k: v for k, v in record.meta.items() if k in AdapterOut.model_fields and k not in ("cached", "links")},
+        **{k: v for k, v in record.meta.items() if k in AdapterOut.model_fields},
         cached=record.tier is not None,
         cache_tier=record.tier,
         links={"self": base, "weights": f"{base}/weights"},
@@ -31,19 +31,17 @@ def adapter_out(record: AdapterRecord, request: Request) -> AdapterOut:
 
 
 @router.post("/adapters", response_model=AdapterOut, tags=["adapters"])
-async def create_adapter(body: AdapterRequest, request: Request, state: ServerState = Depends(get_state)) -> AdapterOut:
+async def create_adapter(body: AdapterRequest, state: ServerState = Depends(get_state)) -> AdapterOut:
     """Generates (or finds in cache) the LoRA adapter for a task. The id is the task hash."""
-    from server.generation import task_from
-
     record = await state.adapters.get_or_create(task_from(body))
     if body.options.warm:
         await state.adapters.loaded(record)
-    return adapter_out(record, request)
+    return adapter_out(record)
 
 
 @router.get("/adapters/{adapter_id}", response_model=AdapterOut, tags=["adapters"])
-async def get_adapter(adapter_id: str, request: Request, state: ServerState = Depends(get_state)) -> AdapterOut:
-    return adapter_out(await state.generation.lookup(adapter_id), request)
+async def get_adapter(adapter_id: str, state: ServerState = Depends(get_state)) -> AdapterOut:
+    return adapter_out(await state.generation.lookup(adapter_id))
 
 
 @router.get(
@@ -64,8 +62,6 @@ async def get_adapter_weights(adapter_id: str, state: ServerState = Depends(get_
 
 @router.delete("/adapters/{adapter_id}", status_code=204, tags=["adapters"])
 async def delete_adapter(adapter_id: str, state: ServerState = Depends(get_state)) -> Response:
-    from server.adapters import is_adapter_id
-
     if not is_adapter_id(adapter_id):
         raise ApiError(422, "invalid_adapter_id", "an adapter id is 64 lower-case hex characters", "adapter_id")
     if not await state.adapters.delete(adapter_id):

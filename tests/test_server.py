@@ -234,3 +234,21 @@ def test_metrics_expose_routes_cache_tiers_and_residency(client):
     assert 'hypergen_cache_misses_total{tier="redis"}' in text
     assert metric(client, "hypergen_engine_adapters_resident") >= 1
     assert metric(client, "hypergen_hypernetwork_runs_total") >= 1
+
+
+def test_concurrent_requests_on_two_replicas_run_the_hypernetwork_once(vllm_server, hf_replica, client):
+    task = new_task("two-replicas")
+    with hf_replica.client() as other:
+        before = metric(client, "hypergen_hypernetwork_runs_total") + metric(other, "hypergen_hypernetwork_runs_total")
+
+        def post(i):
+            server = vllm_server if i % 2 else hf_replica
+            with server.client() as c:
+                return c.post("/adapters", json=task)
+
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(post, range(16)))
+        after = metric(client, "hypergen_hypernetwork_runs_total") + metric(other, "hypergen_hypernetwork_runs_total")
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.json()["adapter_id"] for r in responses}) == 1
+    assert after == before + 1

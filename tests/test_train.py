@@ -124,3 +124,38 @@ def test_metrics():
 
     assert exact_match("The Answer.", ["answer"]) == 1.0 and exact_match("no", ["yes"]) == 0.0
     assert rouge_l("the cat sat", ["cat sat down", "dog"]) == pytest.approx(2 / 3)  # LCS 2 of 3 tokens each way
+
+
+def test_pretrain_and_reconstruct_stages_run_before_mtf(tiny_llama_dir, tmp_path):
+    from hypergen.data import load_sni
+    from hypergen.lora_train import train_lora
+
+    sni = write_sni(tmp_path / "sni", {"task1": sni_task("task1", 8), "task2": sni_task("task2", 8, "Repeat the word.")})
+    base = TrainConfig(base_model=str(tiny_llama_dir), dtype="float32", warmup_steps=1, checkpoint_every=10)
+    for task in load_sni(sni, "train"):
+        train_lora([task], tmp_path / "library" / task.name, base, steps=2, batch_size=2)
+    config = base.model_copy(update={
+        "run_dir": str(tmp_path / "run"), "sni_dir": str(sni), "lora_library": str(tmp_path / "library"),
+        "stages": ["pretrain", "reconstruct", "mtf"], "pretrain_steps": 1, "reconstruct_steps": 2, "steps": 1,
+        "tasks_per_step": 2, "d_model": 64, "d_hidden": 64, "n_blocks": 1,
+        "pretrain_texts": None,
+    })
+    (tmp_path / "texts.txt").write_text("one two three four five six seven eight nine ten eleven twelve thirteen fourteen\n")
+    config = config.model_copy(update={"pretrain_texts": str(tmp_path / "texts.txt")})
+    trainer = Trainer(config)
+    trainer.train()
+    stages = [json.loads(l)["stage"] for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert stages == ["pretrain", "reconstruct", "reconstruct", "mtf"]
+    recon = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][1:3]
+    assert all(r["recon_loss"] > 0 for r in recon)
+
+
+def test_evaluation_refuses_to_resume_under_another_setup(tmp_path, checkpoint_dir):
+    from hypergen.evaluate import EvalConfig, Evaluation
+
+    sni = write_sni(tmp_path / "sni", {"task_a": sni_task("task_a", 4)}, split="test")
+    config = EvalConfig(sni_dir=str(sni), out_dir=str(tmp_path / "eval"), methods=["base"], max_instances=2, max_tokens=2, engine="hf",
+                        checkpoint=str(checkpoint_dir))
+    Evaluation(config)
+    with pytest.raises(ValueError, match="max_instances"):
+        Evaluation(EvalConfig(**{**config.__dict__, "max_instances": 3}))
