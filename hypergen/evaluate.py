@@ -323,7 +323,8 @@ def bar_chart(result: dict[str, Any], path: Path) -> None:
     for i, (r, e) in enumerate(zip(rouge, em)):
         ax.text(i - 0.2, r + 0.5, f"{r:.1f}", ha="center", fontsize=8)
         ax.text(i + 0.2, e + 0.5, f"{e:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(list(x), methods)
+    n_all = result["setup"]["n_tasks"]
+    ax.set_xticks(list(x), [m if result["methods"][m]["tasks"] == n_all else f"{m}\n({result['methods'][m]['tasks']} tasks)" for m in methods])
     ax.set_ylabel("percent")
     ax.set_title(f"Held-out S-NI tasks ({result['setup']['n_tasks']}), {result['setup']['base_model']}")
     ax.legend()
