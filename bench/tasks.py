@@ -22,7 +22,3 @@ def synthetic_task(i: int, n_demos: int = 3) -> tuple[Task, str]:
     words = rng.sample(WORDS, n_demos + 1)
     demos = tuple(Demo(w, rule(w)) for w in words[:n_demos])
     return Task(f"{instruction} (variant {i}).", demos), words[-1]
-
-
-def task_json(task: Task) -> dict:
-    return task.to_dict()

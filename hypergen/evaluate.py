@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import string
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from hypergen.data import TaskData, load_sni
+from hypergen.peft_adapters import PeftAdapterSet
 from hypergen.prompts import first_line, prompt_ids
 from hypergen.task import Demo
 
@@ -127,28 +127,19 @@ class Generator:
 
     def _transformers(self, requests):
         import torch
-        from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if self._hf is None:
             tok = AutoTokenizer.from_pretrained(self.model_path)
-            self._hf = [AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.bfloat16).eval(), tok]
-        model, tok = self._hf
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.bfloat16).eval()
+            self._hf = (PeftAdapterSet(model, max_loaded=1024), tok)
+        adapters, tok = self._hf
         texts = []
         for ids, path in requests:
-            if path is None:
-                context = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
-            else:
-                name = f"a{self._ids.setdefault(path, len(self._ids) + 1)}"
-                if not isinstance(model, PeftModel):
-                    model = self._hf[0] = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
-                elif name not in model.peft_config:
-                    model.load_adapter(path, adapter_name=name)
-                model.set_adapter(name)
-                context = nullcontext()
-            with torch.inference_mode(), context:
-                out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                     max_new_tokens=self.max_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            name = None if path is None else f"a{self._ids.setdefault(path, len(self._ids) + 1)}"
+            with torch.inference_mode(), adapters.activate(name, path):
+                out = adapters.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                              max_new_tokens=self.max_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
             texts.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
         return texts
 

@@ -63,10 +63,6 @@ class MemoryCache:
     def keys(self) -> list[str]:
         return list(self._entries)
 
-    @property
-    def size_bytes(self) -> int:
-        return self._bytes
-
 
 class RedisCache:
     """Adapters in Redis hashes (``{prefix}adapter:{id}`` -> blob, meta) with a TTL."""

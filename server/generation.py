@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from hypergen.errors import TaskError
@@ -35,7 +35,6 @@ class Prepared:
     adapter_id: str | None
     prompt_tokens: int
     adapter_ms: float
-    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass

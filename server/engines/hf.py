@@ -4,9 +4,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from contextlib import nullcontext
 from typing import AsyncIterator
 
+from hypergen.peft_adapters import PeftAdapterSet
 from server.engines.base import Engine, GenerationChunk, GenerationRequest
 
 
@@ -17,9 +17,8 @@ class HFEngine(Engine):
         self.model_path = model_path
         self.dtype = "bfloat16" if dtype == "auto" else dtype
         self.max_cpu_loras = max_cpu_loras
-        self._model = None
+        self._adapters: PeftAdapterSet | None = None
         self._tokenizer = None
-        self._loaded: list[str] = []  # adapter names in load order (oldest first)
         self._lock = threading.Lock()
 
     async def start(self) -> None:
@@ -31,31 +30,13 @@ class HFEngine(Engine):
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
-        self._model = model.eval().requires_grad_(False)
+        self._adapters = PeftAdapterSet(model.eval().requires_grad_(False), self.max_cpu_loras)
 
     async def shutdown(self) -> None:
-        self._model = None
+        self._adapters = None
 
     def ready(self) -> bool:
-        return self._model is not None
-
-    def _select(self, request: GenerationRequest):
-        """Activates the request's adapter, or disables adapters for a base request (lock held)."""
-        from peft import PeftModel
-
-        adapter = request.adapter
-        if adapter is None:
-            return self._model.disable_adapter() if isinstance(self._model, PeftModel) else nullcontext()
-        if not isinstance(self._model, PeftModel):
-            self._model = PeftModel.from_pretrained(self._model, adapter.path, adapter_name=adapter.name)
-            self._loaded.append(adapter.name)
-        elif adapter.name not in self._loaded:
-            if len(self._loaded) >= self.max_cpu_loras:
-                self._model.delete_adapter(self._loaded.pop(0))
-            self._model.load_adapter(adapter.path, adapter_name=adapter.name)
-            self._loaded.append(adapter.name)
-        self._model.set_adapter(adapter.name)
-        return nullcontext()
+        return self._adapters is not None
 
     def _run(self, request: GenerationRequest, emit, queued_at: float) -> None:
         import torch
@@ -63,7 +44,8 @@ class HFEngine(Engine):
 
         with self._lock:
             queue_ms = (time.perf_counter() - queued_at) * 1000
-            adapter_context = self._select(request)
+            adapter = request.adapter
+            adapter_context = self._adapters.activate(adapter.name if adapter else None, adapter.path if adapter else None)
             ids = torch.tensor([request.prompt_token_ids])
             eos = self._tokenizer.eos_token_id
             generated: list[int] = []
@@ -95,7 +77,7 @@ class HFEngine(Engine):
                 if request.seed is not None:
                     torch.manual_seed(request.seed)
             with torch.inference_mode(), adapter_context:
-                self._model.generate(
+                self._adapters.model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
                     stopping_criteria=StoppingCriteriaList([Stream()]),
@@ -128,13 +110,7 @@ class HFEngine(Engine):
 
     async def remove_adapter(self, name: str) -> None:
         with self._lock:
-            if name not in self._loaded:
-                return
-            self._loaded.remove(name)
-            if self._loaded:
-                self._model.delete_adapter(name)
-            else:  # peft cannot delete its last adapter: unwrap back to the plain base model
-                self._model = self._model.unload()
+            self._adapters.remove(name)
 
     async def resident_adapters(self) -> int:
-        return len(self._loaded)
+        return len(self._adapters) if self._adapters is not None else 0
