@@ -68,6 +68,14 @@ class Adapter:
     def layer_weights(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensors[peft_key(layer, module, "A")], self.tensors[peft_key(layer, module, "B")]
 
+    def stacked(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module: (A [L, r, in], B [L, out, r])} in float32: the layout the hypernetwork emits."""
+        n_layers = 1 + max(int(k.split(".layers.")[1].split(".")[0]) for k in self.tensors)
+        return {
+            m: tuple(torch.stack([self.layer_weights(i, m)[w] for i in range(n_layers)]).float() for w in (0, 1))
+            for m in self.target_modules
+        }
+
     def save_peft(self, directory: str | Path) -> Path:
         """Writes a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
         directory = Path(directory)

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,3 +44,10 @@ def lm_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
     picked = hidden.reshape(-1, hidden.shape[-1])[batch.target_pos]
     logits = model.get_output_embeddings()(picked).float()
     return nn.functional.cross_entropy(logits, batch.target_ids)
+
+
+def length_buckets(items: Sequence[T], length: Callable[[T], int], n: int) -> list[list[T]]:
+    """Items sorted by length and cut into ``n`` equal groups: a batch drawn from one group pads little."""
+    ordered = sorted(items, key=length)
+    n = max(1, min(n, len(ordered)))
+    return [ordered[i * len(ordered) // n : (i + 1) * len(ordered) // n] for i in range(n)]

@@ -59,8 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hypergen.train import TrainConfig, Trainer
 
     config = TrainConfig.load(args.config)
-    if args.run_dir:
-        config = config.model_copy(update={"run_dir": args.run_dir})
+    overrides = {k: v for k, v in (("run_dir", args.run_dir), ("init_lora", args.init_lora)) if v}
+    config = config.model_copy(update=overrides)
     out = Trainer(config).train(max_steps=args.max_steps)
     print(out)
     return 0
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="JSON or YAML file with TrainConfig fields")
     train.add_argument("--run-dir", help="override the config's run_dir")
     train.add_argument("--max-steps", type=int, help="stop after this many steps (resume later)")
+    train.add_argument("--init-lora", help="PEFT folder of a trained (multi-task) LoRA: the shared part starts from it")
     train.set_defaults(func=cmd_train)
 
     lora = sub.add_parser("train-lora", help="train an ordinary PEFT LoRA on S-NI tasks (baselines, LoRA library)")
@@ -133,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sni-dir", required=True)
     ev.add_argument("--split", default="test")
     ev.add_argument("--task", action="append", help="task name (repeatable); default: the whole split")
-    ev.add_argument("--methods", default="base,icl,generated,multitask_lora,oracle_lora")
+    ev.add_argument("--methods", default="base,icl,generated,multitask_lora,oracle_lora",
+                    help="comma-separated; also generated_N for the generated adapter from N demos (e.g. generated_0)")
     ev.add_argument("--max-instances", type=int, default=20, help="scored instances per task (the first N)")
-    ev.add_argument("--k", type=int, default=3, help="demos for icl and generated")
+    ev.add_argument("--k", type=int, default=3, help="demos for icl and generated (generated_N methods use N)")
     ev.add_argument("--max-tokens", type=int, default=32)
     ev.add_argument("--multitask-lora", help="PEFT folder of the multi-task LoRA")
     ev.add_argument("--oracle-dir", help="folder of per-task LoRAs: <task>/adapter")

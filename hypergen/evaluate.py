@@ -8,8 +8,16 @@ removing punctuation, articles and extra spaces), both in percent.
 
 Demos (for ``icl`` and ``generated``) come from the task's Positive Examples, topped up
 from instances outside the scored ones; the scored instances are each task's first
-``max_instances``, so per-task oracle LoRAs train on the rest. Results are written per
-(method, task) as they finish, so an interrupted evaluation resumes where it stopped.
+``max_instances``, so per-task oracle LoRAs train on the rest. ``generated`` uses
+``k_demos`` demos; ``generated_N`` (e.g. ``generated_0``, ``generated_8``) uses N.
+Results are written per (method, task) as they finish, so an interrupted evaluation
+resumes where it stopped.
+
+Label adherence: a task is a label-set task when all its instances' references come from
+a small set (at most ``MAX_LABELS`` distinct normalised answers, each used by at least two
+instances on average); its adherence is the share of answers that are one of those labels.
+``wins`` counts, per task, where ``generated`` scores above / within ``TIE_MARGIN`` / below
+each baseline in ROUGE-L.
 """
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ from hypergen.task import Demo
 log = logging.getLogger(__name__)
 
 METHODS = ("base", "icl", "generated", "multitask_lora", "oracle_lora")
+MAX_LABELS = 10
+TIE_MARGIN = 0.5  # ROUGE-L points; closer than this is a tie
+GENERATED_N = re.compile(r"^generated_(\d+)$")
 
 
 @dataclass
@@ -60,6 +71,15 @@ def normalize(text: str) -> str:
     text = text.lower()
     text = "".join(c for c in text if c not in set(string.punctuation))
     return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def label_set(task: TaskData) -> set[str] | None:
+    """The task's labels (normalised) when its references come from a small set, else None."""
+    refs = [normalize(o) for inst in task.instances for o in inst.outputs]
+    labels = set(refs)
+    if not refs or len(labels) > MAX_LABELS or len(refs) < 2 * len(labels):
+        return None
+    return labels
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
@@ -161,7 +181,8 @@ class Evaluation:
         self.out = Path(config.out_dir)
         (self.out / "partial").mkdir(parents=True, exist_ok=True)
         self.tasks = load_sni(config.sni_dir, config.split, names=config.tasks)
-        self.hyper = HyperGenerator.from_pretrained(config.checkpoint, base_model=config.base_model) if "generated" in config.methods else None
+        uses_hyper = any(m == "generated" or _demo_count(m) is not None for m in config.methods)
+        self.hyper = HyperGenerator.from_pretrained(config.checkpoint, base_model=config.base_model) if uses_hyper else None
         base = config.base_model or (self.hyper.base_model if self.hyper else "smollm2-135m-instruct")
         self.base = base
         self.tokenizer = load_tokenizer(base)
@@ -191,10 +212,11 @@ class Evaluation:
         """Adapter folder for a (method, task), None for no adapter, False when the method skips the task."""
         if method in ("base", "icl"):
             return None
-        if method == "generated":
-            folder = self.out / "adapters" / task.name
+        k = self.config.k_demos if method == "generated" else _demo_count(method)
+        if k is not None:
+            folder = self.out / "adapters" / (task.name if method == "generated" else f"{task.name}.k{k}")
             if not (folder / "adapter_config.json").is_file():
-                self.hyper.generate(task.task(demos_for(task, self.config.k_demos, self.config.max_instances))).save_peft(folder)
+                self.hyper.generate(task.task(demos_for(task, k, self.config.max_instances))).save_peft(folder)
             return str(folder)
         if method == "multitask_lora":
             return self.config.multitask_lora or False
@@ -242,17 +264,22 @@ class Evaluation:
 
     def report(self) -> dict[str, Any]:
         tasks: dict[str, dict[str, dict[str, float]]] = {}
+        labels = {task.name: label_set(task) for task in self.tasks}
         for method in self.config.methods:
             for task in self.tasks:
                 data = json.loads(self._partial(method, task.name).read_text())
                 if data["skipped"] or not data["rows"]:
                     continue
                 rows = data["rows"]
-                tasks.setdefault(task.name, {})[method] = {
+                scores = {
                     "rougeL": round(sum(r["rougeL"] for r in rows) / len(rows), 2),
                     "exact_match": round(sum(r["exact_match"] for r in rows) / len(rows), 2),
                     "n": len(rows),
                 }
+                if labels[task.name]:
+                    hits = sum(normalize(r["prediction"]) in labels[task.name] for r in rows)
+                    scores["label_adherence"] = round(100 * hits / len(rows), 2)
+                tasks.setdefault(task.name, {})[method] = scores
         methods = {m: _mean([tasks[t][m] for t in tasks if m in tasks[t]]) for m in self.config.methods}
         oracle_tasks = [t for t in tasks if "oracle_lora" in tasks[t]]
         result = {
@@ -267,7 +294,10 @@ class Evaluation:
                 "decoding": f"greedy, {self.config.max_tokens} tokens, first line of the answer",
                 "oracle_subset": oracle_tasks,
                 "methods_on_oracle_subset": {m: _mean([tasks[t][m] for t in oracle_tasks if m in tasks[t]]) for m in self.config.methods},
+                "label_set_tasks": sorted(t for t, v in labels.items() if v and t in tasks),
+                "tie_margin": TIE_MARGIN,
             },
+            "wins": wins_ties_losses(tasks),
         }
         (self.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         (self.out / "eval.md").write_text(markdown_table(result))
@@ -275,22 +305,57 @@ class Evaluation:
         return result
 
 
+def _demo_count(method: str) -> int | None:
+    match = GENERATED_N.match(method)
+    return int(match.group(1)) if match else None
+
+
+def wins_ties_losses(tasks: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, int]]]:
+    """{generated method: {baseline: {wins, ties, losses}}} over tasks both were scored on (ROUGE-L)."""
+    methods = sorted({m for scores in tasks.values() for m in scores})
+    generated = [m for m in methods if m == "generated" or _demo_count(m) is not None]
+    baselines = [m for m in ("base", "icl", "multitask_lora", "oracle_lora") if m in methods]
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for g in generated:
+        for b in baselines:
+            count = {"wins": 0, "ties": 0, "losses": 0}
+            for scores in tasks.values():
+                if g in scores and b in scores:
+                    diff = scores[g]["rougeL"] - scores[b]["rougeL"]
+                    count["ties" if abs(diff) < TIE_MARGIN else "wins" if diff > 0 else "losses"] += 1
+            out.setdefault(g, {})[b] = count
+    return out
+
+
 def _mean(values: list[dict[str, float]]) -> dict[str, float]:
     if not values:
         return {}
-    return {
+    result = {
         "rougeL": round(sum(v["rougeL"] for v in values) / len(values), 2),
         "exact_match": round(sum(v["exact_match"] for v in values) / len(values), 2),
         "tasks": len(values),
     }
+    adherence = [v["label_adherence"] for v in values if "label_adherence" in v]
+    if adherence:
+        result["label_adherence"] = round(sum(adherence) / len(adherence), 2)
+        result["label_set_tasks"] = len(adherence)
+    return result
 
 
 def markdown_table(result: dict[str, Any]) -> str:
     methods = list(result["methods"])
-    lines = ["| method | ROUGE-L | exact match | tasks |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| method | ROUGE-L | exact match | label adherence | tasks |", "| --- | ---: | ---: | ---: | ---: |"]
     for m in methods:
         v = result["methods"][m]
-        lines.append(f"| {m} | {v['rougeL']:.1f} | {v['exact_match']:.1f} | {v['tasks']} |")
+        adherence = f"{v['label_adherence']:.1f}" if "label_adherence" in v else ""
+        lines.append(f"| {m} | {v['rougeL']:.1f} | {v['exact_match']:.1f} | {adherence} | {v['tasks']} |")
+    if result.get("wins"):
+        lines += ["", f"Per-task wins / ties / losses in ROUGE-L (tie: within {result['setup']['tie_margin']} points):", ""]
+        baselines = sorted({b for per in result["wins"].values() for b in per})
+        lines += ["| method | " + " | ".join(f"vs {b}" for b in baselines) + " |", "| --- |" + " ---: |" * len(baselines)]
+        for g, per in result["wins"].items():
+            cells = [f"{per[b]['wins']} / {per[b]['ties']} / {per[b]['losses']}" if b in per else "" for b in baselines]
+            lines.append(f"| {g} | " + " | ".join(cells) + " |")
     lines += ["", "Per task (ROUGE-L):", "", "| task | " + " | ".join(methods) + " |", "| --- |" + " ---: |" * len(methods)]
     for task, scores in sorted(result["tasks"].items()):
         cells = [f"{scores[m]['rougeL']:.1f}" if m in scores else "" for m in methods]

@@ -7,7 +7,6 @@ adapters (CLI, server, evaluation) goes through it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +21,7 @@ from hypergen.hypernet import HyperNetConfig, HyperNetwork
 from hypergen.settings import DEFAULT_BASE_MODEL, DEFAULT_CHECKPOINT, DEFAULT_ENCODER
 from hypergen.spec import LoraSpec
 from hypergen.task import Task, task_hash
+from hypergen.task_items import encode_tasks
 
 log = logging.getLogger(__name__)
 
@@ -29,38 +29,6 @@ log = logging.getLogger(__name__)
 def packaged_checkpoint() -> Path:
     """The checkpoint shipped inside the package (may be absent in a source tree before training)."""
     return Path(str(resources.files("hypergen") / "checkpoints" / "default"))
-
-
-@dataclass
-class TaskBatch:
-    """Encoder embeddings of several tasks, padded into the hypernetwork's set layout."""
-
-    items: torch.Tensor  # [T, 1 + K, E]
-    kinds: torch.Tensor  # [T, 1 + K]
-    mask: torch.Tensor  # [T, 1 + K]
-
-
-def encode_tasks(encoder: TaskEncoder, tasks: Sequence[Task], device: str = "cpu") -> TaskBatch:
-    """One encoder call for every text of every task; an empty instruction is masked out."""
-    texts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    for task in tasks:
-        instruction, demos = task.encoder_texts()
-        start = len(texts)
-        texts.append(instruction)
-        texts.extend(demos)
-        spans.append((start, len(texts)))
-    emb = encoder.embed(texts).to(device)
-    width = max(end - start for start, end in spans)
-    items = torch.zeros(len(tasks), width, encoder.dim, device=device)
-    kinds = torch.ones(len(tasks), width, dtype=torch.long, device=device)
-    mask = torch.zeros(len(tasks), width, dtype=torch.bool, device=device)
-    for t, ((start, end), task) in enumerate(zip(spans, tasks)):
-        items[t, : end - start] = emb[start:end]
-        mask[t, : end - start] = True
-        kinds[t, 0] = 0
-        mask[t, 0] = bool(task.normalized_instruction)
-    return TaskBatch(items, kinds, mask)
 
 
 class HyperGenerator:
@@ -151,7 +119,7 @@ class HyperGenerator:
         """One batched encoder call and one batched hypernetwork pass for all tasks."""
         if not tasks:
             return []
-        batch = encode_tasks(self.encoder, tasks, self.device)
+        batch = encode_tasks(self.encoder, tasks, self.network.config.demo_encoding, self.device)
         weights = self.network(batch.items, batch.kinds, batch.mask)
         return [self._adapter(t, task, weights) for t, task in enumerate(tasks)]
 

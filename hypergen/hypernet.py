@@ -4,12 +4,18 @@ Text-to-LoRA's shape: a task vector, a learned layer embedding and a learned
 module embedding go through a shared residual MLP; one output head per module
 type emits A [r, in] and B [out, r]. All layers of a module, for all tasks in a
 batch, come out of one batched matmul. The task vector itself is a learned
-attention pooling over the frozen encoder's embeddings of the instruction and of
-each demo, so any number of demos (0..32) works.
+attention pooling over the task's items (``task_items.py``: instruction windows,
+demo pairs, distinct demo outputs), so any number of demos (0..32) works.
 
-Initialisation makes an untrained network a no-op: B is exactly zero and A
-equals PEFT's default init, so training starts from the base model's behaviour.
-B is also scaled by ``b_scale`` (0.02), which kept training stable in our runs.
+Shared + task-specific: the network holds one shared LoRA (``shared_a``,
+``shared_b``: A [L, r, in], B [L, out, r] per module) and the heads emit a
+task-conditioned correction added to it. The heads start at exactly zero, so an
+untrained network emits the shared LoRA unchanged. Two starts:
+- no-op (from scratch): shared A as PEFT initialises lora_A, shared B zero, so the
+  adapter changes nothing until training moves it;
+- from a trained multi-task LoRA (``load_shared_lora``): the untrained network
+  reproduces that LoRA exactly, and training only learns what differs per task.
+The B correction is scaled by ``b_scale`` (0.02), which kept training stable.
 """
 from __future__ import annotations
 
@@ -26,8 +32,9 @@ from torch import nn
 
 from hypergen.errors import CheckpointError
 from hypergen.spec import LoraSpec, ModelDims
+from hypergen.task_items import N_FEATURES, N_KINDS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: task items with features, shared LoRA + correction
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -48,6 +55,8 @@ class HyperNetConfig:
     n_blocks: int = 2
     n_pool_heads: int = 4
     b_scale: float = 0.02
+    n_features: int = N_FEATURES
+    demo_encoding: str = "pairs"  # task_items.DemoEncoding
     format_version: int = FORMAT_VERSION
     training: dict[str, Any] = field(default_factory=dict)  # provenance written by the trainer
 
@@ -113,12 +122,12 @@ class ResidualBlock(nn.Module):
 
 
 class SetPooling(nn.Module):
-    """Attention of one learned query over [instruction, demo_1..demo_k] embeddings."""
+    """Attention of one learned query over a task's items (embedding + features, with a kind)."""
 
-    def __init__(self, encoder_dim: int, d_model: int, n_heads: int) -> None:
+    def __init__(self, item_dim: int, d_model: int, n_heads: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(encoder_dim, d_model)
-        self.kind = nn.Embedding(2, d_model)  # 0: instruction, 1: demo
+        self.proj = nn.Linear(item_dim, d_model)
+        self.kind = nn.Embedding(N_KINDS, d_model)  # task_items.KIND_*
         self.query = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
         self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
@@ -139,7 +148,7 @@ class HyperNetwork(nn.Module):
         spec = config.spec()
         self.spec = spec
         d, h = config.d_model, config.d_hidden
-        self.pool = SetPooling(config.encoder_dim, d, config.n_pool_heads)
+        self.pool = SetPooling(config.encoder_dim + config.n_features, d, config.n_pool_heads)
         self.layer_emb = nn.Embedding(spec.num_layers, d)
         self.module_emb = nn.Embedding(len(spec.target_modules), d)
         self.mix = nn.Linear(3 * d, h)
@@ -147,23 +156,49 @@ class HyperNetwork(nn.Module):
         self.out_norm = nn.LayerNorm(h)
         self.a_heads = nn.ModuleDict()
         self.b_heads = nn.ModuleDict()
+        self.shared_a = nn.ParameterDict()
+        self.shared_b = nn.ParameterDict()
         for m in spec.target_modules:
             r, fan_in = spec.a_shape(m)
             out, _ = spec.b_shape(m)
             self.a_heads[m] = nn.Linear(h, r * fan_in)
             self.b_heads[m] = nn.Linear(h, out * r)
+            self.shared_a[m] = nn.Parameter(torch.empty(spec.num_layers, r, fan_in))
+            self.shared_b[m] = nn.Parameter(torch.zeros(spec.num_layers, out, r))
         self.reset_heads()
 
     @torch.no_grad()
     def reset_heads(self) -> None:
-        """Zero head weights; A's bias drawn like PEFT's A init, B's bias zero (adapter = no-op)."""
+        """Heads exactly zero; shared A drawn as PEFT draws lora_A, shared B zero (adapter = no-op)."""
         for m in self.spec.target_modules:
-            fan_in = self.spec.a_shape(m)[1]
-            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)), as PEFT initialises lora_A
-            nn.init.zeros_(self.a_heads[m].weight)
-            nn.init.uniform_(self.a_heads[m].bias, -bound, bound)
-            nn.init.zeros_(self.b_heads[m].weight)
-            nn.init.zeros_(self.b_heads[m].bias)
+            for head in (self.a_heads[m], self.b_heads[m]):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+            self.shared_a[m].copy_(peft_lora_a_init(self.shared_a[m].shape))
+            self.shared_b[m].zero_()
+
+    @torch.no_grad()
+    def load_shared_lora(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Makes a trained LoRA ({module: (A [L, r, in], B [L, out, r])}) the shared part.
+
+        Raises CheckpointError naming the module whose shape differs from this network's spec.
+        """
+        for m in self.spec.target_modules:
+            if m not in weights:
+                raise CheckpointError(f"the LoRA has no {m} weights; the hypernetwork targets {list(self.spec.target_modules)}", "init_lora")
+            a, b = weights[m]
+            if tuple(a.shape) != tuple(self.shared_a[m].shape) or tuple(b.shape) != tuple(self.shared_b[m].shape):
+                raise CheckpointError(
+                    f"{m}: the LoRA has A {tuple(a.shape)}, B {tuple(b.shape)}; this network needs "
+                    f"A {tuple(self.shared_a[m].shape)}, B {tuple(self.shared_b[m].shape)} (same base, rank and layers)",
+                    "init_lora",
+                )
+            self.shared_a[m].copy_(a)
+            self.shared_b[m].copy_(b)
+
+    def shared(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The shared LoRA in the layout ``forward`` returns, for one task."""
+        return {m: (self.shared_a[m].unsqueeze(0), self.shared_b[m].unsqueeze(0)) for m in self.spec.target_modules}
 
     def task_vectors(self, items: torch.Tensor, kinds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.pool(items, kinds, mask)
@@ -182,8 +217,8 @@ class HyperNetwork(nn.Module):
             hidden = self.out_norm(self.blocks(self.mix(torch.cat([task_l, layers, module], dim=-1))))
             r, fan_in = self.spec.a_shape(m)
             fan_out = self.spec.b_shape(m)[0]
-            a = self.a_heads[m](hidden).view(n_tasks, n_layers, r, fan_in)
-            b = (self.b_heads[m](hidden) * self.config.b_scale).view(n_tasks, n_layers, fan_out, r)
+            a = self.shared_a[m] + self.a_heads[m](hidden).view(n_tasks, n_layers, r, fan_in)
+            b = self.shared_b[m] + (self.b_heads[m](hidden) * self.config.b_scale).view(n_tasks, n_layers, fan_out, r)
             out[m] = (a, b)
         return out
 
@@ -222,6 +257,12 @@ class HyperNetwork(nn.Module):
             )
         net.load_state_dict({k: v.float() for k, v in state.items()})
         return net.to(device).eval(), _fingerprint(config, w_path.read_bytes())
+
+
+def peft_lora_a_init(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """lora_A as PEFT draws it (kaiming_uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in)))."""
+    bound = 1.0 / math.sqrt(shape[-1])
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
 def _config_digest(config: HyperNetConfig) -> bytes:

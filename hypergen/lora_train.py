@@ -9,7 +9,6 @@ the result is saved as a standard PEFT folder. Resumable the same way.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -20,8 +19,9 @@ from tqdm import tqdm
 
 from hypergen.adapter import Adapter, peft_key
 from hypergen.base_model import load_dims, load_model, load_tokenizer
-from hypergen.batching import lm_loss, make_batch
+from hypergen.batching import length_buckets, lm_loss, make_batch
 from hypergen.data import Instance, TaskData
+from hypergen.hypernet import peft_lora_a_init
 from hypergen.lora_apply import lora_applied
 from hypergen.prompts import prompt_ids, target_ids
 from hypergen.spec import LoraSpec
@@ -35,8 +35,7 @@ def init_lora(spec: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
     params = {}
     for m in spec.target_modules:
         r, fan_in = spec.a_shape(m)
-        bound = 1 / math.sqrt(fan_in)
-        params[f"{m}.A"] = (torch.rand(spec.num_layers, r, fan_in, generator=gen) * 2 - 1) * bound
+        params[f"{m}.A"] = peft_lora_a_init((spec.num_layers, r, fan_in), gen)
         params[f"{m}.B"] = torch.zeros(spec.num_layers, spec.b_shape(m)[0], r)
     return params
 
@@ -72,17 +71,16 @@ def train_lora(
     params = {k: torch.nn.Parameter(v.float()) for k, v in init.items()}
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     step = load_optimizer(optimizer, state_dir) if has_state(state_dir) else 0
-    pools = [(t, (instances or {}).get(t.name, t.instances)) for t in tasks]
-    pools = [(t, pool) for t, pool in pools if pool]
+    rows_all = [(prompt_ids(tokenizer, t.instruction, inst.input), target_ids(tokenizer, inst.outputs[0]))
+                for t in tasks for inst in (instances or {}).get(t.name, t.instances)]
+    rows_all = [r for r in rows_all if len(r[0]) <= config.max_prompt_tokens]  # never cut a prompt
+    buckets = length_buckets(rows_all, lambda r: len(r[0]), config.length_buckets if len(rows_all) >= 4 * batch_size else 1)
     schedule = config.model_copy(update={"lr": lr})
     with open(out_dir / "log.jsonl", "a") as log_file, tqdm(total=steps, initial=step, desc=f"train-lora {out_dir.name}", unit="step") as bar:
         while step < steps:
             rng = random.Random(f"{config.seed}:{step}")
-            rows = []
-            for _ in range(batch_size):
-                task, pool = rng.choice(pools)
-                inst = rng.choice(pool)
-                rows.append((prompt_ids(tokenizer, task.instruction, inst.input), target_ids(tokenizer, inst.outputs[0])))
+            bucket = rng.choices(buckets, weights=[len(b) for b in buckets])[0]
+            rows = [rng.choice(bucket) for _ in range(batch_size)]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(schedule, step, steps)
             start = time.perf_counter()

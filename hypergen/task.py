@@ -24,9 +24,9 @@ from hypergen.errors import TaskError
 
 HASH_VERSION = 1
 
-# Input limits. Text beyond the encoder's window (256 word pieces) is truncated by
-# the encoder, which is fine; these limits keep requests bounded and are rejected
-# outright, so no demo is ever silently dropped.
+# Input limits, rejected outright so no demo is ever silently dropped. Everything within
+# them reaches the hypernetwork: long instructions are read in several encoder windows, and
+# a long demo input is shortened from its middle so its output is always read (task_items.py).
 MAX_INSTRUCTION_CHARS = 8000
 MAX_DEMO_FIELD_CHARS = 4000
 MAX_DEMOS = 32
@@ -94,9 +94,6 @@ class Task:
     def to_dict(self) -> dict[str, Any]:
         return {"instruction": self.instruction, "demos": [{"input": d.input, "output": d.output} for d in self.demos]}
 
-    def encoder_texts(self) -> tuple[str, list[str]]:
-        """The instruction and one ``input -> output`` line per demo, as the encoder embeds them."""
-        return self.normalized_instruction, [f"{d.input} -> {d.output}" for d in self.demos]
 
 
 def _demo(raw: Any, i: int) -> Demo:

@@ -13,14 +13,26 @@ Stages, run in the order given in ``stages``:
   ``hypergen train-lora`` (Frobenius distance between generated and library delta-W).
 - ``mtf``: multi-task fine-tuning on task instances (the main stage).
 
+The network starts as a no-op or, with ``init_lora``, from a trained multi-task LoRA that
+becomes its shared part (``hypernet.py``); the heads then learn a per-task correction.
+
 The constrained loss (HyperLoRA): ``reg_weight`` times the mean squared Frobenius norm
-of the generated delta-W = scaling * B A, which keeps generated weights well-scaled;
+of the correction, scaling * (B A - B_shared A_shared) (with a no-op start, of the whole
+generated delta-W), which keeps generated weights well-scaled;
 ``anchor_weight`` optionally adds a KL term keeping the adapted model close to the
 base model on general prompts. Both are logged per step.
 
 State (hypernetwork, optimizer, step) is saved every ``checkpoint_every`` steps in
 safetensors + JSON under ``run_dir/state``; re-running the same command resumes.
 Sampling is seeded by (seed, step), so a resumed run takes the same next step.
+
+Cost on a small CPU: prompts are tokenised once; each step draws its tasks from one
+length bucket (tasks of similar prompt length) so little of a batch is padding; the
+frozen encoder's embeddings are cached (instructions and demos recur); the LM head runs
+on target tokens only. Prompts are never cut: a row whose prompt is longer than
+``max_prompt_tokens`` is left out of sampling (and counted in the log). Every log line
+has rows/s and where the step's time went (``t_hyper``, ``t_forward``, ``t_backward``,
+``t_optim``).
 """
 from __future__ import annotations
 
@@ -38,15 +50,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from hypergen.base_model import load_model, load_tokenizer
-from hypergen.batching import LMBatch, lm_loss, make_batch
+from hypergen.batching import LMBatch, length_buckets, lm_loss, make_batch
 from hypergen.data import TaskData, load_jsonl_tasks, load_sni
-from hypergen.generator import HyperGenerator, encode_tasks
+from hypergen.adapter import Adapter
+from hypergen.generator import HyperGenerator
 from hypergen.hypernet import HyperNetwork
 from hypergen.lora_apply import lora_applied
 from hypergen.prompts import prompt_ids, target_ids
 from hypergen.settings import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
 from hypergen.synthetic import paraphrase, synthetic_tasks
 from hypergen.task import Demo, Task
+from hypergen.task_items import DemoEncoding, encode_tasks
 from hypergen.train_state import has_state, load_optimizer, save_optimizer, swap_in
 
 log = logging.getLogger(__name__)
@@ -73,7 +87,9 @@ class TrainConfig(BaseModel):
     d_model: int = 256
     d_hidden: int = 512
     n_blocks: int = 2
+    demo_encoding: DemoEncoding = Field(default="pairs", description="task items layout (task_items.py); 'joined' is the first one, for ablations")
     init_checkpoint: str | None = Field(default=None, description="start from this checkpoint's weights")
+    init_lora: str | None = Field(default=None, description="PEFT folder of a trained LoRA (e.g. the multi-task one) to start the shared part from")
 
     sni_dir: str | None = None
     sni_split: str = "train"
@@ -90,8 +106,9 @@ class TrainConfig(BaseModel):
     reconstruct_steps: int = 0
     tasks_per_step: int = 4
     instances_per_task: int = 2
-    max_demos: int = 3
-    max_prompt_tokens: int = 384
+    max_demos: int = 8
+    max_prompt_tokens: int = Field(default=1024, description="rows with longer prompts are left out, never cut")
+    length_buckets: int = Field(default=4, description="each step draws its tasks from one bucket of similar prompt length")
     max_target_tokens: int = 32
 
     lr: float = 2e-4
@@ -104,7 +121,7 @@ class TrainConfig(BaseModel):
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     checkpoint_every: int = 25
     seed: int = 0
-    threads: int = 0
+    threads: int = Field(default=0, description="torch threads; 0 = torch's default (every core)")
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
@@ -165,16 +182,44 @@ class Trainer:
             self.generator = HyperGenerator.untrained(
                 config.base_model, spec, config.encoder, seed=config.seed,
                 d_model=config.d_model, d_hidden=config.d_hidden, n_blocks=config.n_blocks,
+                demo_encoding=config.demo_encoding,
             )
+            if config.init_lora:
+                self.generator.network.load_shared_lora(Adapter.load_peft(config.init_lora).stacked())
+        self.generator.encoder.enable_cache()
         self.net: HyperNetwork = self.generator.network.train()
         self.spec = self.net.spec
         self.tasks = load_training_tasks(config)
+        self._prompts = self._tokenize_prompts()
+        self._buckets = self._length_buckets()
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
         self._library: dict[str, Any] | None = None
         self._texts: list[str] | None = None
 
     # --- sampling -------------------------------------------------------------
+
+    def _tokenize_prompts(self) -> dict[str, list[list[int] | None]]:
+        """Each instance's prompt ids, once; None where the prompt is over ``max_prompt_tokens``."""
+        prompts: dict[str, list[list[int] | None]] = {}
+        self.too_long = 0
+        for task in self.tasks:
+            ids = [prompt_ids(self.tokenizer, task.instruction, inst.input) for inst in task.instances]
+            self.too_long += sum(len(p) > self.config.max_prompt_tokens for p in ids)
+            prompts[task.name] = [p if len(p) <= self.config.max_prompt_tokens else None for p in ids]
+        self.tasks = [t for t in self.tasks if sum(p is not None for p in prompts[t.name]) >= 2]
+        if self.too_long:
+            log.warning("%d rows have prompts over %d tokens and are left out", self.too_long, self.config.max_prompt_tokens)
+        return prompts
+
+    def _length_buckets(self) -> list[list[TaskData]]:
+        """Tasks sorted by median prompt length, cut into ``length_buckets`` groups of equal size."""
+        def median_len(task: TaskData) -> int:
+            lens = sorted(len(p) for p in self._prompts[task.name] if p is not None)
+            return lens[len(lens) // 2]
+
+        n = min(self.config.length_buckets, len(self.tasks) // max(1, self.config.tasks_per_step))
+        return length_buckets(self.tasks, median_len, n)
 
     def _describe(self, task: TaskData, rng: random.Random, exclude: set[int]) -> Task:
         """Instruction (maybe paraphrased) and 0..max_demos demos, never from the scored instances."""
@@ -187,16 +232,16 @@ class Trainer:
             k = 1
         return Task(instruction, tuple(rng.sample(pool, k)))
 
-    def _rows(self, instruction: str, instances) -> list[tuple[list[int], list[int]]]:
-        return [(prompt_ids(self.tokenizer, instruction, inst.input), target_ids(self.tokenizer, inst.outputs[0])) for inst in instances]
-
     def sample_mtf(self, rng: random.Random) -> tuple[list[Task], list[tuple[list[int], list[int]]], list[int]]:
-        picked = rng.sample(self.tasks, min(self.config.tasks_per_step, len(self.tasks)))
+        bucket = rng.choices(self._buckets, weights=[len(b) for b in self._buckets])[0]
+        picked = rng.sample(bucket, min(self.config.tasks_per_step, len(bucket)))
         descriptions, rows, row_task = [], [], []
         for t, task in enumerate(picked):
-            idx = rng.sample(range(len(task.instances)), min(self.config.instances_per_task, len(task.instances)))
+            prompts = self._prompts[task.name]
+            usable = [i for i, p in enumerate(prompts) if p is not None]
+            idx = rng.sample(usable, min(self.config.instances_per_task, len(usable)))
             descriptions.append(self._describe(task, rng, set(idx)))
-            rows += self._rows(task.instruction, [task.instances[i] for i in idx])
+            rows += [(prompts[i], target_ids(self.tokenizer, task.instances[i].outputs[0])) for i in idx]
             row_task += [t] * len(idx)
         return descriptions, rows, row_task
 
@@ -222,12 +267,14 @@ class Trainer:
     # --- losses ---------------------------------------------------------------
 
     def _weights(self, descriptions: list[Task]):
-        batch = encode_tasks(self.generator.encoder, descriptions)
+        batch = encode_tasks(self.generator.encoder, descriptions, self.net.config.demo_encoding)
         return self.net(batch.items, batch.kinds, batch.mask)
 
     def _reg(self, weights) -> torch.Tensor:
-        norms = [delta_sq_norm(a, b, self.spec.scaling) for a, b in weights.values()]
-        return torch.stack([n.mean() for n in norms]).mean()
+        """Mean squared norm of the correction (generated delta-W minus the shared one)."""
+        shared = self.net.shared()
+        dists = [delta_sq_distance(a, b, *shared[m], self.spec.scaling) for m, (a, b) in weights.items()]
+        return torch.stack([d.mean() for d in dists]).mean()
 
     def _anchor(self, weights, n_tasks: int, rng: random.Random) -> torch.Tensor:
         prompts = [prompt_ids(self.tokenizer, "", rng.choice(ANCHOR_PROMPTS)) for _ in range(n_tasks)]
@@ -240,13 +287,17 @@ class Trainer:
         return (kl * batch.attention_mask).sum() / batch.attention_mask.sum()
 
     def supervised_loss(self, descriptions, rows, row_task, rng) -> tuple[torch.Tensor, dict[str, float]]:
+        start = time.perf_counter()
         weights = self._weights(descriptions)
+        reg = self._reg(weights)
+        t_hyper = time.perf_counter()
         batch: LMBatch = make_batch(rows, self.tokenizer.pad_token_id or 0, self.config.max_prompt_tokens, self.config.max_target_tokens)
         with lora_applied(self.model, self.spec, weights, torch.tensor(row_task)):
             lm = lm_loss(self.model, batch)
-        reg = self._reg(weights)
         loss = lm + self.config.reg_weight * reg
-        logs = {"lm_loss": lm.item(), "reg": reg.item(), "delta_norm": reg.sqrt().item()}
+        logs = {"lm_loss": lm.item(), "reg": reg.item(), "correction_norm": reg.sqrt().item(),
+                "rows": len(rows), "tokens": int(batch.attention_mask.sum()), "padded_tokens": batch.attention_mask.numel(),
+                "t_hyper": round(t_hyper - start, 3), "t_forward": round(time.perf_counter() - t_hyper, 3)}
         if self.config.anchor_weight:
             anchor = self._anchor(weights, len(descriptions), rng)
             loss = loss + self.config.anchor_weight * anchor
@@ -290,12 +341,18 @@ class Trainer:
             sample = self.sample_pretrain(rng) if stage == "pretrain" else self.sample_mtf(rng)
             loss, logs = self.supervised_loss(*sample, rng)
         self.optimizer.zero_grad(set_to_none=True)
+        t_backward = time.perf_counter()
         loss.backward()
+        t_optim = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return {"step": self.step, "stage": stage, "loss": loss.item(), **logs, "lr": lr,
-                "grad_norm": float(grad_norm), "seconds": round(time.perf_counter() - start, 3)}
+        seconds = time.perf_counter() - start
+        timing = {"t_backward": round(t_optim - t_backward, 3), "t_optim": round(time.perf_counter() - t_optim, 3),
+                  "seconds": round(seconds, 3)}
+        if "rows" in logs:
+            timing["rows_per_s"] = round(logs["rows"] / seconds, 3)
+        return {"step": self.step, "stage": stage, "loss": loss.item(), **logs, "lr": lr, "grad_norm": float(grad_norm), **timing}
 
     def train(self, max_steps: int | None = None) -> Path:
         """Runs (or resumes) to the end of the plan; returns the exported checkpoint folder."""
@@ -343,6 +400,9 @@ class Trainer:
             "tasks": len(self.tasks),
             "sni_split": self.config.sni_split if self.config.sni_dir else None,
             "synthetic_tasks": self.config.synthetic_tasks,
+            "init_lora": self.config.init_lora,
+            "demo_encoding": self.config.demo_encoding,
+            "rows_left_out_too_long": self.too_long,
             "tasks_per_step": self.config.tasks_per_step,
             "instances_per_task": self.config.instances_per_task,
             "max_demos": self.config.max_demos,
@@ -365,12 +425,7 @@ def load_lora_library(folder: str | None, tasks: dict[str, TaskData]) -> dict[st
         peft_dir = sub / "adapter" if (sub / "adapter" / "adapter_config.json").is_file() else sub  # train-lora's layout too
         if sub.name not in tasks or not (peft_dir / "adapter_config.json").is_file():
             continue
-        adapter = Adapter.load_peft(peft_dir)
-        n_layers = 1 + max(int(k.split(".layers.")[1].split(".")[0]) for k in adapter.tensors)
-        modules = {m: (torch.stack([adapter.layer_weights(i, m)[0] for i in range(n_layers)]).float(),
-                       torch.stack([adapter.layer_weights(i, m)[1] for i in range(n_layers)]).float())
-                   for m in adapter.target_modules}
-        library[sub.name] = (tasks[sub.name].task(), modules)
+        library[sub.name] = (tasks[sub.name].task(), Adapter.load_peft(peft_dir).stacked())
     if not library:
         raise ValueError(f"no LoRA in {folder} matches a training task name")
     return library

@@ -25,9 +25,11 @@ def test_packaged_checkpoint_is_small_trained_and_documented():
     assert (folder / "model.safetensors").stat().st_size < 25 * 1024 * 1024
     config = json.loads((folder / "config.json").read_text())
     assert config["training"]["steps"] > 0 and config["base_model"] == "smollm2-135m-instruct"
+    assert config["demo_encoding"] == "pairs" and config["training"]["init_lora"]  # shared part from the multi-task LoRA
     eval_result = json.loads((folder / "eval.json").read_text())
-    assert {"base", "icl", "generated", "multitask_lora", "oracle_lora"} <= set(eval_result["methods"])
-    assert all({"rougeL", "exact_match"} <= set(v) for v in eval_result["methods"].values())
+    assert {"base", "icl", "generated", "generated_0", "generated_8", "multitask_lora"} <= set(eval_result["methods"])
+    assert all({"rougeL", "exact_match", "label_adherence"} <= set(v) for v in eval_result["methods"].values())
+    assert set(eval_result["wins"]["generated"]) >= {"base", "icl", "multitask_lora"}
 
 
 def test_default_adapter_changes_the_base_models_output(smollm_dir):

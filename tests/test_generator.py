@@ -6,7 +6,7 @@ import torch
 from hypergen.adapter import Adapter, peft_key
 from hypergen.errors import CheckpointError, CorruptAdapterError
 from hypergen.generator import HyperGenerator
-from hypergen.hypernet import HyperNetConfig, HyperNetwork
+from hypergen.hypernet import FORMAT_VERSION, HyperNetConfig, HyperNetwork
 from hypergen.task import Demo, Task
 
 TASK = Task("Answer with the antonym of the word.", (Demo("hot", "cold"), Demo("up", "down"), Demo("big", "small")))
@@ -109,7 +109,7 @@ def test_checkpoint_for_other_dims_fails_clearly(generator, tiny_llama_dir, tmp_
 
 def test_unknown_checkpoint_format_is_refused(generator, tmp_path):
     generator.network.save(tmp_path / "ckpt")
-    cfg = (tmp_path / "ckpt" / "config.json").read_text().replace('"format_version": 1', '"format_version": 99')
+    cfg = (tmp_path / "ckpt" / "config.json").read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 99')
     (tmp_path / "ckpt" / "config.json").write_text(cfg)
     with pytest.raises(CheckpointError, match="format version 99"):
         HyperGenerator.from_pretrained(tmp_path / "ckpt")

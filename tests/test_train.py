@@ -8,6 +8,7 @@ import torch
 from hypergen.batching import make_batch
 from hypergen.train import TrainConfig, Trainer, delta_sq_distance, delta_sq_norm
 
+from hypergen.data import load_sni
 from test_data import sni_task, write_sni
 
 
@@ -32,7 +33,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
     assert after.item() < before.item()
     assert not torch.equal(head_before, trainer.net.b_heads["q_proj"].weight)
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in base_before.items())  # base frozen
-    assert logs["delta_norm"] > 0
+    assert logs["correction_norm"] > 0
 
 
 def test_resume_takes_the_same_next_step(tiny_config):
@@ -57,7 +58,49 @@ def test_full_run_exports_a_checkpoint_with_provenance_and_log(tiny_config):
     assert gen.trained and gen.info()["training"]["steps"] == 4
     lines = [json.loads(l) for l in (out.parent / "log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
-    assert {"lm_loss", "reg", "delta_norm", "grad_norm", "lr"} <= set(lines[0])
+    assert {"lm_loss", "reg", "correction_norm", "grad_norm", "lr", "rows_per_s", "t_hyper", "t_forward", "t_backward"} <= set(lines[0])
+    assert lines[0]["rows"] == 4 and lines[0]["rows_per_s"] > 0
+
+
+def test_a_shared_start_reproduces_the_multitask_lora_exactly(tiny_llama_dir, tmp_path):
+    from hypergen.adapter import Adapter
+    from hypergen.lora_train import train_lora
+    from hypergen.task import Demo, Task
+
+    sni = write_sni(tmp_path / "sni", {"task1": sni_task("task1", 6)})
+    base = TrainConfig(base_model=str(tiny_llama_dir), dtype="float32", warmup_steps=1, checkpoint_every=10)
+    folder = train_lora(load_sni(sni, "train"), tmp_path / "multi", base, steps=2, batch_size=2)
+    lora = Adapter.load_peft(folder)
+    config = base.model_copy(update={"run_dir": str(tmp_path / "run"), "sni_dir": str(sni), "init_lora": str(folder),
+                                     "steps": 2, "tasks_per_step": 1, "d_model": 64, "d_hidden": 64, "n_blocks": 1})
+    trainer = Trainer(config)
+    for task in (Task("Answer with the antonym."), Task("Other.", (Demo("a", "B"),))):
+        generated = trainer.generator.generate(task)
+        assert all(torch.equal(generated.tensors[k], lora.tensors[k].float()) for k in lora.tensors)
+    trainer.train()  # the correction learns; the adapter now depends on the task
+    one, two = (trainer.generator.generate(Task(x)) for x in ("Answer with the antonym.", "Repeat the word."))
+    assert any(not torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)
+
+
+def test_a_lora_of_another_shape_is_refused_as_shared_start(tiny_llama_dir, tmp_path, generator):
+    from hypergen.errors import CheckpointError
+
+    sni = write_sni(tmp_path / "sni", {"task1": sni_task("task1", 6)})
+    folder = generator.generate(__import__("hypergen").Task("x")).save_peft(tmp_path / "smollm-lora")
+    config = TrainConfig(base_model=str(tiny_llama_dir), dtype="float32", run_dir=str(tmp_path / "run"), sni_dir=str(sni),
+                         init_lora=str(folder), d_model=64, d_hidden=64, n_blocks=1)
+    with pytest.raises(CheckpointError, match="q_proj: the LoRA has A"):
+        Trainer(config)
+
+
+def test_prompts_are_never_cut_long_rows_are_left_out(tiny_config):
+    trainer = Trainer(tiny_config.model_copy(update={"max_prompt_tokens": 60}))
+    assert trainer.too_long > 0
+    for step in range(3):
+        _, rows, _ = trainer.sample_mtf(random.Random(step))
+        assert all(len(prompt) <= 60 for prompt, _ in rows)
+    full = {tuple(p) for ps in trainer._prompts.values() for p in ps if p is not None}
+    assert all(tuple(prompt) in full for prompt, _ in rows)  # whole prompts, chat header included
 
 
 def test_delta_norms_match_dense_computation():
@@ -101,9 +144,13 @@ def test_evaluation_writes_json_table_and_chart_and_resumes(generator, checkpoin
     config = EvalConfig(
         sni_dir=str(sni), out_dir=str(tmp_path / "eval"), max_instances=3, max_tokens=6, checkpoint=str(checkpoint_dir),
         multitask_lora=str(tmp_path / "multi"), oracle_dir=str(tmp_path / "oracle"), engine="hf",
+        methods=["base", "icl", "generated", "generated_0", "multitask_lora", "oracle_lora"],
     )
     result = Evaluation(config).run()
-    assert set(result["methods"]) == {"base", "icl", "generated", "multitask_lora", "oracle_lora"}
+    assert set(result["methods"]) == {"base", "icl", "generated", "generated_0", "multitask_lora", "oracle_lora"}
+    assert (tmp_path / "eval" / "adapters" / "task_a.k0" / "adapter_config.json").is_file()
+    assert result["wins"]["generated_0"]["base"]["wins"] + result["wins"]["generated_0"]["base"]["ties"] \
+        + result["wins"]["generated_0"]["base"]["losses"] == 2
     assert set(result["tasks"]) == {"task_a", "task_b"}
     assert "oracle_lora" in result["tasks"]["task_a"] and "oracle_lora" not in result["tasks"]["task_b"]
     assert result["methods"]["oracle_lora"]["tasks"] == 1 and result["tasks"]["task_a"]["base"]["n"] == 3
@@ -117,6 +164,36 @@ def test_evaluation_writes_json_table_and_chart_and_resumes(generator, checkpoin
     stamp = partial.stat().st_mtime_ns
     again = Evaluation(config).run()  # resumes: nothing is generated again
     assert partial.stat().st_mtime_ns == stamp and again["methods"] == result["methods"]
+
+
+def test_label_adherence_counts_answers_inside_the_tasks_label_set():
+    from hypergen.data import Instance, TaskData
+    from hypergen.evaluate import label_set, wins_ties_losses
+
+    labels = TaskData("t", "Is it positive?", [], [Instance(f"x{i}", ("Yes" if i % 2 else "no",)) for i in range(8)])
+    free = TaskData("g", "Write a title.", [], [Instance(f"x{i}", (f"title number {i}",)) for i in range(8)])
+    assert label_set(labels) == {"yes", "no"} and label_set(free) is None
+    scores = {"t1": {"generated": {"rougeL": 50.0}, "base": {"rougeL": 10.0}},
+              "t2": {"generated": {"rougeL": 10.2}, "base": {"rougeL": 10.0}},
+              "t3": {"generated": {"rougeL": 0.0}, "base": {"rougeL": 5.0}}}
+    assert wins_ties_losses(scores) == {"generated": {"base": {"wins": 1, "ties": 1, "losses": 1}}}
+
+
+def test_evaluation_reports_label_adherence_for_label_set_tasks(tmp_path, checkpoint_dir):
+    from hypergen.evaluate import EvalConfig, Evaluation, normalize
+
+    yes_no = {"name": "task_yn", "Definition": ["Is the word a colour? Answer yes or no."], "Positive Examples": [],
+              "Instances": [{"input": w, "output": [a]} for w, a in [("red", "yes"), ("cat", "no"), ("blue", "yes"), ("dog", "no")] * 2]}
+    sni = write_sni(tmp_path / "sni", {"task_yn": yes_no, "task_a": sni_task("task_a", 4)}, split="test")
+    config = EvalConfig(sni_dir=str(sni), out_dir=str(tmp_path / "eval"), methods=["base"], max_instances=2, max_tokens=3,
+                        engine="hf", checkpoint=str(checkpoint_dir))
+    result = Evaluation(config).run()
+    assert result["setup"]["label_set_tasks"] == ["task_yn"]
+    assert "label_adherence" in result["tasks"]["task_yn"]["base"] and "label_adherence" not in result["tasks"]["task_a"]["base"]
+    rows = json.loads((tmp_path / "eval" / "partial" / "base" / "task_yn.json").read_text())["rows"]
+    expected = 100 * sum(normalize(r["prediction"]) in ("yes", "no") for r in rows) / len(rows)
+    assert result["methods"]["base"]["label_adherence"] == pytest.approx(expected)
+    assert "label adherence" in (tmp_path / "eval" / "eval.md").read_text()
 
 
 def test_metrics():
