@@ -23,7 +23,11 @@ generated delta-W), which keeps generated weights well-scaled;
 base model on general prompts. Both are logged per step.
 
 State (hypernetwork, optimizer, step) is saved every ``checkpoint_every`` steps in
-safetensors + JSON under ``run_dir/state``; re-running the same command resumes.
+safetensors + JSON under ``run_dir/state``; re-running the same command resumes exactly.
+Alongside, ``run_dir/weights`` holds the network alone in bf16 in the checkpoint format
+(about 22 MB, small enough to commit) with its step: a run that has only that folder
+(e.g. a new machine after a session ended) resumes from it with a fresh optimizer and a
+short learning-rate re-warm-up (``rewarm_steps``).
 Sampling is seeded by (seed, step), so a resumed run takes the same next step.
 
 Cost on a small CPU: prompts are tokenised once; each step draws its tasks from one
@@ -75,6 +79,9 @@ ANCHOR_PROMPTS = [
 ]
 
 
+PROGRESS_FILE = "progress.json"
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -120,6 +127,7 @@ class TrainConfig(BaseModel):
     anchor_weight: float = 0.0
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     checkpoint_every: int = 25
+    rewarm_steps: int = Field(default=10, description="lr warm-up after resuming from bf16 weights without optimizer state")
     seed: int = 0
     threads: int = Field(default=0, description="torch threads; 0 = torch's default (every core)")
 
@@ -194,6 +202,7 @@ class Trainer:
         self._buckets = self._length_buckets()
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.step = 0
+        self.rewarm_from: int | None = None  # set when resumed from bf16 weights alone
         self._library: dict[str, Any] | None = None
         self._texts: list[str] | None = None
 
@@ -331,6 +340,8 @@ class Trainer:
         rng = random.Random(f"{self.config.seed}:{self.step}")
         total = sum(n for _, n in self.config.stage_plan())
         lr = lr_at(self.config, self.step, total)
+        if self.rewarm_from is not None:
+            lr *= min(1.0, (self.step - self.rewarm_from + 1) / max(1, self.config.rewarm_steps))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         stage = self.stage_at(self.step)
@@ -381,16 +392,28 @@ class Trainer:
         self.net.save(tmp, dtype=torch.float32)
         save_optimizer(self.optimizer, tmp, self.step)
         swap_in(tmp, self.run_dir / "state")
+        weights = self.run_dir / "weights.tmp"
+        self.net.save(weights, dtype=torch.bfloat16)
+        (weights / PROGRESS_FILE).write_text(json.dumps({"step": self.step}))
+        swap_in(weights, self.run_dir / "weights")
 
     def load_state(self) -> bool:
-        state_dir = self.run_dir / "state"
-        if not has_state(state_dir):
-            return False
-        net, _ = HyperNetwork.load(state_dir)
-        self.net.load_state_dict(net.state_dict())
-        self.step = load_optimizer(self.optimizer, state_dir)
-        log.info("resumed %s at step %d", self.run_dir, self.step)
-        return True
+        """Exact resume from ``state``; else from ``weights`` (bf16, no optimizer) with a re-warm-up."""
+        state_dir, weights_dir = self.run_dir / "state", self.run_dir / "weights"
+        if has_state(state_dir):
+            net, _ = HyperNetwork.load(state_dir)
+            self.net.load_state_dict(net.state_dict())
+            self.step = load_optimizer(self.optimizer, state_dir)
+            log.info("resumed %s at step %d", self.run_dir, self.step)
+            return True
+        if (weights_dir / PROGRESS_FILE).is_file():
+            net, _ = HyperNetwork.load(weights_dir)
+            self.net.load_state_dict(net.state_dict())
+            self.step = self.rewarm_from = int(json.loads((weights_dir / PROGRESS_FILE).read_text())["step"])
+            log.warning("resumed %s at step %d from bf16 weights without optimizer state; lr re-warms over %d steps",
+                        self.run_dir, self.step, self.config.rewarm_steps)
+            return True
+        return False
 
     def export(self) -> Path:
         """The final checkpoint folder (bf16 weights) with its training provenance."""

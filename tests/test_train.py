@@ -50,6 +50,21 @@ def test_resume_takes_the_same_next_step(tiny_config):
     assert got["lr"] == expected["lr"]
 
 
+def test_a_run_with_only_its_bf16_weights_resumes_with_a_rewarm(tiny_config):
+    import shutil
+
+    first = Trainer(tiny_config)
+    first.train(max_steps=2)
+    run = first.run_dir
+    assert (run / "weights" / "model.safetensors").stat().st_size < (run / "state" / "model.safetensors").stat().st_size
+    shutil.rmtree(run / "state")  # what a new machine has when only the weights were committed
+    resumed = Trainer(tiny_config)
+    assert resumed.load_state() and resumed.step == 2 and resumed.rewarm_from == 2
+    record = resumed.train_step()
+    full_lr = __import__("hypergen.train", fromlist=["lr_at"]).lr_at(tiny_config, 2, tiny_config.steps)
+    assert record["lr"] == pytest.approx(full_lr / tiny_config.rewarm_steps)
+
+
 def test_full_run_exports_a_checkpoint_with_provenance_and_log(tiny_config):
     from hypergen.generator import HyperGenerator
 
