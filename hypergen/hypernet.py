@@ -15,7 +15,11 @@ untrained network emits the shared LoRA unchanged. Two starts:
   adapter changes nothing until training moves it;
 - from a trained multi-task LoRA (``load_shared_lora``): the untrained network
   reproduces that LoRA exactly, and training only learns what differs per task.
-The B correction is scaled by ``b_scale`` (0.02), which kept training stable.
+The corrections are scaled (``a_scale`` 0.01, ``b_scale`` 0.004): under Adam one step moves
+a head's output by about lr x its width whatever the gradient's size, and unscaled that is
+larger than the entries of a trained LoRA (|A| ~ 0.02, |B| ~ 0.01 for the multi-task one),
+so the first steps would overwrite the shared start (measured: a correction norm twice the
+multi-task LoRA's own after 30 steps, with unscaled A and B x 0.02).
 """
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ class HyperNetConfig:
     d_hidden: int = 512
     n_blocks: int = 2
     n_pool_heads: int = 4
-    b_scale: float = 0.02
+    a_scale: float = 0.01
+    b_scale: float = 0.004
     n_features: int = N_FEATURES
     demo_encoding: str = "pairs"  # task_items.DemoEncoding
     format_version: int = FORMAT_VERSION
@@ -217,7 +222,7 @@ class HyperNetwork(nn.Module):
             hidden = self.out_norm(self.blocks(self.mix(torch.cat([task_l, layers, module], dim=-1))))
             r, fan_in = self.spec.a_shape(m)
             fan_out = self.spec.b_shape(m)[0]
-            a = self.shared_a[m] + self.a_heads[m](hidden).view(n_tasks, n_layers, r, fan_in)
+            a = self.shared_a[m] + (self.a_heads[m](hidden) * self.config.a_scale).view(n_tasks, n_layers, r, fan_in)
             b = self.shared_b[m] + (self.b_heads[m](hidden) * self.config.b_scale).view(n_tasks, n_layers, fan_out, r)
             out[m] = (a, b)
         return out

@@ -27,11 +27,15 @@ def randomize_heads(network: HyperNetwork, seed: int = 0, std: float = 0.03, bia
     ("The capital of France is Paris."), weak enough that the output stays fluent text.
     """
     gen = torch.Generator().manual_seed(seed)
+    cfg = network.config
+    # The scales are of the emitted correction (the heads' outputs are multiplied by a_scale, b_scale):
+    # A moves by std per unit of hidden state, B by std * 0.02 with a bias of bias_std * 0.02.
     with torch.no_grad():
-        for head in list(network.a_heads.values()) + list(network.b_heads.values()):
-            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * std)
+        for head in network.a_heads.values():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * std / cfg.a_scale)
         for head in network.b_heads.values():
-            head.bias.copy_(torch.randn(head.bias.shape, generator=gen) * bias_std)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * std * 0.02 / cfg.b_scale)
+            head.bias.copy_(torch.randn(head.bias.shape, generator=gen) * bias_std * 0.02 / cfg.b_scale)
     return network
 
 
