@@ -168,7 +168,7 @@ class Generator:
 
 
 def demos_for(task: TaskData, k: int, max_instances: int) -> list[Demo]:
-    pool = list(task.demos) + [Demo(i.input, i.outputs[0]) for i in task.instances[max_instances:]]
+    pool = list(task.demos) + [Demo(i.input, i.outputs[0]) for i in task.instances[max_instances:] if i.outputs[0].strip()]
     return pool[:k]
 
 

@@ -232,7 +232,8 @@ class Trainer:
 
     def _describe(self, task: TaskData, rng: random.Random, exclude: set[int]) -> Task:
         """Instruction (maybe paraphrased) and 0..max_demos demos, never from the scored instances."""
-        pool = list(task.demos) + [Demo(inst.input, inst.outputs[0]) for i, inst in enumerate(task.instances) if i not in exclude]
+        pool = list(task.demos) + [Demo(inst.input, inst.outputs[0]) for i, inst in enumerate(task.instances)
+                                   if i not in exclude and inst.outputs[0].strip()]  # a demo needs an output
         k = rng.randint(0, min(self.config.max_demos, len(pool)))
         instruction = task.instruction
         if self.config.paraphrase_prob and rng.random() < self.config.paraphrase_prob:

@@ -118,6 +118,18 @@ def test_prompts_are_never_cut_long_rows_are_left_out(tiny_config):
     assert all(tuple(prompt) in full for prompt, _ in rows)  # whole prompts, chat header included
 
 
+def test_instances_with_empty_outputs_train_but_are_never_demos(tiny_config):
+    from hypergen.data import Instance
+
+    trainer = Trainer(tiny_config.model_copy(update={"max_demos": 8}))
+    task = trainer.tasks[0]
+    task.instances[:] = [Instance(f"x{i}", ("",) if i % 2 else (f"y{i}",)) for i in range(10)]
+    task.demos[:] = []
+    for seed in range(5):
+        described = trainer._describe(task, random.Random(seed), set())
+        assert all(d.output.strip() for d in described.demos)
+
+
 def test_delta_norms_match_dense_computation():
     a1, b1, a2, b2 = torch.randn(3, 4, 10), torch.randn(3, 6, 4), torch.randn(3, 4, 10), torch.randn(3, 6, 4)
     dense = (2 * b1 @ a1).pow(2).sum((-1, -2))
