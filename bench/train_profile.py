@@ -12,8 +12,12 @@ PHASES = ("t_hyper", "t_forward", "t_backward", "t_optim")
 
 
 def main(path: str) -> None:
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    records = [r for r in records if "rows" in r]
+    by_step = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record  # a resumed run logs its replayed steps again: keep the last
+    records = [r for _, r in sorted(by_step.items()) if "rows" in r]
     if not records:
         sys.exit(f"{path}: no supervised steps with timings")
     total = sum(r["seconds"] for r in records)
