@@ -55,8 +55,8 @@ from tqdm import tqdm
 
 from hypergen.base_model import load_model, load_tokenizer
 from hypergen.batching import LMBatch, length_buckets, lm_loss, make_batch
-from hypergen.data import TaskData, load_jsonl_tasks, load_sni
 from hypergen.adapter import Adapter
+from hypergen.data import TaskData, load_jsonl_tasks, load_sni
 from hypergen.generator import HyperGenerator
 from hypergen.hypernet import HyperNetwork
 from hypergen.lora_apply import lora_applied
@@ -440,8 +440,6 @@ class Trainer:
 
 def load_lora_library(folder: str | None, tasks: dict[str, TaskData]) -> dict[str, tuple[Task, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
     """{task name: (description, {module: (A [L, r, in], B [L, out, r])})} from PEFT folders named by task."""
-    from hypergen.adapter import Adapter
-
     if not folder:
         raise ValueError("the 'reconstruct' stage needs lora_library")
     library = {}
