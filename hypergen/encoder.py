@@ -80,7 +80,7 @@ class TaskEncoder:
         """A text of any length as consecutive windows (long instructions are read whole)."""
         ids = self.pieces(text)
         size = WINDOW - 2
-        return [self._wrap(ids[i : i + size]) for i in range(0, len(ids), size)] or []
+        return [self._wrap(ids[i : i + size]) for i in range(0, len(ids), size)]
 
     def single(self, text: str) -> list[int]:
         """A short text in one window (its start, if it is ever longer)."""
