@@ -6,7 +6,10 @@ All requests of a scenario are in flight at once, so the engine batches them.
 Scenarios: the base model alone; the same 64 requests spread over 1, 4 and 16
 distinct generated adapters (created and loaded beforehand); and in-context
 learning: the base model with the task's 3 demos in the prompt instead of an
-adapter. Throughput is completion tokens / wall time. Without --url it starts
+adapter. Then task inputs with one adapter, two ways: 64 separate `input`
+requests at once, and one request with `inputs` of 64. Throughput is completion
+tokens / wall time; answers_per_s counts answered prompts (the fair
+measure for the two input scenarios, whose answers are a few tokens long). Without --url it starts
 `hypergen serve` (vLLM, max_loras=16). Prints one JSON line.
 """
 from __future__ import annotations
@@ -39,7 +42,8 @@ async def scenario(client: httpx.AsyncClient, bodies: list[dict]) -> dict:
     for r in responses:
         r.raise_for_status()
     tokens = sum(r.json()["usage"]["completion_tokens"] for r in responses)
-    return {"tokens": tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 1)}
+    answers = sum(len(b.get("inputs", [None])) for b in bodies)
+    return {"tokens": tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 1), "answers_per_s": round(answers / wall, 2)}
 
 
 async def run(url: str, n: int, max_tokens: int) -> dict:
@@ -69,6 +73,9 @@ async def run(url: str, n: int, max_tokens: int) -> dict:
         for k in (1, 4, 16):
             results[f"adapters_{k}"] = await scenario(client, bodies(k))
         results["icl_3_demos"] = await scenario(client, bodies(None, icl=True))
+        words = [tasks[i % len(tasks)][1] for i in range(n)]
+        results["inputs_separate_requests"] = await scenario(client, [{"input": w, "adapter_id": ids[0], **sampling} for w in words])
+        results["inputs_one_request"] = await scenario(client, [{"inputs": words, "adapter_id": ids[0], **sampling}])
         base = results["base"]["tokens_per_s"]
         for name, result in results.items():
             result["vs_base"] = round(result["tokens_per_s"] / base, 2)

@@ -19,7 +19,11 @@ class LMBatch:
 
 
 def make_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, max_prompt: int = 512, max_target: int = 48) -> LMBatch:
-    """rows = (prompt_ids, target_ids); long prompts keep their end (the input), targets their start."""
+    """rows = (prompt_ids, target_ids), loss on the targets.
+
+    Training leaves out rows whose prompt is over ``max_prompt`` (never trains on a cut prompt);
+    the cut here (keep the end, the input) only guards a caller that did not. Targets keep their start.
+    """
     seqs, spans = [], []
     for prompt, target in rows:
         prompt, target = prompt[-max_prompt:], target[:max_target]

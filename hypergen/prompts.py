@@ -16,9 +16,25 @@ def user_message(instruction: str, text: str, demos: Sequence[Demo] = ()) -> str
     return "\n\n".join(p for p in parts if p)
 
 
+INPUT_SLOT = "{input}"
+
+
+def chat(instruction: str, text: str, demos: Sequence[Demo] = ()) -> list[dict[str, str]]:
+    """The one-turn conversation the model answers: what a raw chat client would send."""
+    return [{"role": "user", "content": user_message(instruction, text, demos)}]
+
+
 def prompt_ids(tokenizer: Any, instruction: str, text: str, demos: Sequence[Demo] = ()) -> list[int]:
-    messages = [{"role": "user", "content": user_message(instruction, text, demos)}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    ids = tokenizer.apply_chat_template(chat(instruction, text, demos), add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def prompt_template(tokenizer: Any, instruction: str) -> str:
+    """The rendered prompt text with ``{input}`` where the input goes, for raw-completion clients.
+
+    Sent as a completion prompt with the input substituted, it tokenises to ``prompt_ids``.
+    """
+    return tokenizer.apply_chat_template(chat(instruction, INPUT_SLOT), add_generation_prompt=True, tokenize=False)
 
 
 def target_ids(tokenizer: Any, output: str) -> list[int]:

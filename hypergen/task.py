@@ -23,6 +23,7 @@ from typing import Any, Iterable
 from hypergen.errors import TaskError
 
 HASH_VERSION = 1
+TASK_HASH_PATTERN = r"^[0-9a-f]{64}$"  # what a task hash (an adapter id) looks like
 
 # Input limits, rejected outright so no demo is ever silently dropped. Everything within
 # them reaches the hypernetwork: long instructions are read in several encoder windows, and

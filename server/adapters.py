@@ -25,19 +25,21 @@ from typing import Any
 from hypergen.adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, Adapter, verify_blob
 from hypergen.errors import CorruptAdapterError
 from hypergen.generator import HyperGenerator
-from hypergen.task import Task
+from hypergen.task import TASK_HASH_PATTERN, Task
 from server.cache import CacheEntry, MemoryCache, RedisCache
 from server.engines import Engine, LoadedAdapter
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-ADAPTER_ID = re.compile(r"^[0-9a-f]{64}$")
+ADAPTER_ID = re.compile(TASK_HASH_PATTERN)
 LOCK_TTL_MS = 30_000
+# What every record's metadata holds; an entry written by an older server without them is a miss.
+REQUIRED_META = ("adapter_id", "instruction", "rank", "alpha", "target_modules")
 
 
 def is_adapter_id(value: str) -> bool:
-    return bool(ADAPTER_ID.match(value))
+    return bool(ADAPTER_ID.fullmatch(value))
 
 
 @dataclass
@@ -46,6 +48,11 @@ class AdapterRecord:
     blob: bytes
     meta: dict[str, Any]
     tier: str | None  # where it was found: "memory", "redis", or None when just generated
+
+    @property
+    def instruction(self) -> str:
+        """The task's instruction: what the prompt for an input needs (kept in every tier)."""
+        return self.meta["instruction"]
 
 
 class AdapterService:
@@ -79,8 +86,10 @@ class AdapterService:
             return None
         try:
             verify_blob(entry.blob)
+            if any(name not in entry.meta for name in REQUIRED_META):
+                raise CorruptAdapterError("the entry's metadata lacks fields this server needs")
         except CorruptAdapterError:
-            log.warning("dropping corrupt %s cache entry %s", tier, key)
+            log.warning("dropping corrupt or outdated %s cache entry %s", tier, key)
             self.metrics.cache_corrupt.labels(tier).inc()
             self.metrics.cache_misses.labels(tier).inc()
             return None
@@ -165,6 +174,7 @@ class AdapterService:
         blob = adapter.to_bytes()
         meta = {
             "adapter_id": adapter.task_hash,
+            "instruction": task.instruction,
             "base_model": self.generator.base_model,
             "hypernetwork": self.generator.fingerprint,
             "rank": adapter.rank,

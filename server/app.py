@@ -14,6 +14,7 @@ from hypergen import __version__
 from hypergen.settings import Settings, get_settings
 from server.errors import install_error_handlers
 from server.middleware import BodyLimitMiddleware, MetricsMiddleware
+from server.openapi import install_openapi
 
 log = logging.getLogger("hypergen.server")
 
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.hypergen = None
     install_error_handlers(app)
+    install_openapi(app, settings)
     app.include_router(routes.health)
     app.include_router(routes.router)
     app.include_router(openai_routes.router)

@@ -1,16 +1,22 @@
-"""Generation: prompt -> token ids (chat template for messages) -> limits -> engine -> text.
+"""Generation: target (adapter + instruction) -> token ids -> limits -> engine -> text.
+
+Token ids come from a raw prompt, a chat (the base model's template), or a task input
+(the prompt the hypernetwork was trained with, from ``hypergen.prompts``).
 
 Shared by the native /generate route and the OpenAI-compatible routes, so both
 apply the same limits and admission control.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from hypergen import prompts
 from hypergen.errors import TaskError
 from hypergen.settings import Settings
 from hypergen.task import Task
@@ -18,7 +24,9 @@ from server.adapters import AdapterRecord, AdapterService, is_adapter_id
 from server.engines import Engine, EngineBusy, GenerationChunk, GenerationRequest
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.schemas import Message, TaskIn
+from server.schemas import Message, SamplingIn, TaskIn
+
+log = logging.getLogger(__name__)
 
 
 def task_from(body: TaskIn, prefix: str = "") -> Task:
@@ -30,11 +38,27 @@ def task_from(body: TaskIn, prefix: str = "") -> Task:
 
 
 @dataclass
+class Target:
+    """What a request generates with: an adapter (None: the base model) and the task's instruction."""
+
+    record: AdapterRecord | None
+    instruction: str  # what prompts for 'input' are built with; "" when no task was named
+    adapter_ms: float
+
+    @property
+    def adapter_id(self) -> str | None:
+        return self.record.adapter_id if self.record else None
+
+
+@dataclass
 class Prepared:
     request: GenerationRequest
-    adapter_id: str | None
+    target: Target
     prompt_tokens: int
-    adapter_ms: float
+
+    @property
+    def adapter_id(self) -> str | None:
+        return self.target.adapter_id
 
 
 @dataclass
@@ -56,28 +80,26 @@ class GenerationService:
         self.base_name = base_name
         self._inflight = 0
 
-    # --- inputs -------------------------------------------------------------
+    # --- what to generate with ----------------------------------------------
 
-    def prompt_ids(self, prompt: str | None, messages: list[Message] | None) -> list[int]:
-        if (prompt is None) == (messages is None):
-            raise ApiError(422, "invalid_request", "give exactly one of 'prompt' or 'messages'", "prompt")
-        if messages is not None:
-            chat = [m.model_dump() for m in messages]
-            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
-            return list(ids)
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    async def target(self, adapter_id: str | None, task: TaskIn | None, use_adapter: bool = True, field_name: str = "adapter_id") -> Target:
+        """The adapter for an id or an inline task (created on demand), and its instruction.
 
-    async def adapter_for(self, adapter_id: str | None, task: TaskIn | None, field_name: str = "adapter_id") -> tuple[AdapterRecord | None, float]:
-        """The record for an adapter id or an inline task (created on demand); None for the base model."""
+        With ``use_adapter`` false the instruction is still looked up (prompts for 'input' are
+        the same), but no adapter is created or loaded: the base model answers.
+        """
         start = time.perf_counter()
-        if adapter_id is not None and task is not None:
-            raise ApiError(422, "invalid_request", "give at most one of 'adapter_id' or 'task'", "adapter_id")
-        record = None
+        record, instruction = None, ""
         if task is not None:
-            record = await self.adapters.get_or_create(task_from(task, "task."))
+            parsed = task_from(task, "task.")
+            instruction = parsed.instruction
+            if use_adapter:
+                record = await self.adapters.get_or_create(parsed)
         elif adapter_id is not None:
-            record = await self.lookup(adapter_id, field_name)
-        return record, (time.perf_counter() - start) * 1000
+            found = await self.lookup(adapter_id, field_name)
+            instruction = found.instruction
+            record = found if use_adapter else None
+        return Target(record, instruction, (time.perf_counter() - start) * 1000)
 
     async def lookup(self, adapter_id: str, field_name: str = "adapter_id") -> AdapterRecord:
         if not is_adapter_id(adapter_id):
@@ -87,27 +109,49 @@ class GenerationService:
             raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id}; create it with POST /adapters", field_name)
         return record
 
-    async def prepare(
-        self, prompt_ids: list[int], record: AdapterRecord | None, adapter_ms: float, max_tokens: int,
-        temperature: float, top_p: float, stop: list[str], seed: int | None,
-    ) -> Prepared:
+    def prompt_template(self, record: AdapterRecord) -> str:
+        return prompts.prompt_template(self.tokenizer, record.instruction)
+
+    # --- prompts --------------------------------------------------------------
+
+    def raw_ids(self, prompt: str | None, messages: list[Message] | None) -> list[int]:
+        """A raw prompt is tokenised as is; messages go through the base model's chat template."""
+        if messages is not None:
+            chat = [m.model_dump() for m in messages]
+            return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return self.tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
+
+    def input_ids(self, target: Target, text: str) -> list[int]:
+        """The prompt the hypernetwork was trained with, around one input (as ``hypergen eval`` does)."""
+        return prompts.prompt_ids(self.tokenizer, target.instruction, text)
+
+    async def prepare(self, ids: list[int], target: Target, sampling: SamplingIn, max_tokens: int | None = None, field_name: str = "prompt") -> Prepared:
+        """Checks the limits (413 for token counts, 422 for fields) and loads the adapter for the engine.
+
+        ``max_tokens`` overrides the body's (OpenAI's max_completion_tokens); an unset one is
+        its default, lowered to the server's limit.
+        """
+        if max_tokens is None:
+            max_tokens = sampling.max_tokens
+            if "max_tokens" not in sampling.model_fields_set:
+                max_tokens = min(max_tokens, self.settings.max_tokens_limit)
         limit = self.settings.max_prompt_tokens
-        if len(prompt_ids) > limit:
-            raise ApiError(422, "prompt_too_long", f"the prompt is {len(prompt_ids)} tokens; the limit is {limit}", "prompt")
+        if len(ids) > limit:
+            raise ApiError(413, "prompt_too_long", f"the prompt is {len(ids)} tokens; the limit is {limit}", field_name)
         if max_tokens > self.settings.max_tokens_limit:
             raise ApiError(422, "invalid_request", f"max_tokens is limited to {self.settings.max_tokens_limit}", "max_tokens")
-        if len(prompt_ids) + max_tokens > self.settings.max_model_len:
+        if len(ids) + max_tokens > self.settings.max_model_len:
             raise ApiError(
-                422, "context_too_long",
-                f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds the context of {self.settings.max_model_len}",
-                "max_tokens",
+                413, "context_too_long",
+                f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the context of {self.settings.max_model_len}",
+                field_name,
             )
-        loaded = await self.adapters.loaded(record) if record is not None else None
+        loaded = await self.adapters.loaded(target.record) if target.record is not None else None
         request = GenerationRequest(
-            request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, stop=stop, seed=seed, adapter=loaded,
+            request_id=uuid.uuid4().hex, prompt_token_ids=ids, max_tokens=max_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, stop=sampling.stop_list(), seed=sampling.seed, adapter=loaded,
         )
-        return Prepared(request, record.adapter_id if record else None, len(prompt_ids), adapter_ms)
+        return Prepared(request, target, len(ids))
 
     # --- running ------------------------------------------------------------
 
@@ -133,13 +177,34 @@ class GenerationService:
             yield chunk
         self.metrics.adapters_resident.set(await self.engine.resident_adapters())
 
-    async def run(self, prepared: Prepared) -> Result:
+    async def _collect(self, prepared: Prepared) -> Result:
         parts: list[str] = []
         final = GenerationChunk("", True)
-        async with self.admitted():
-            start = time.perf_counter()
-            async for chunk in self.stream(prepared):
-                parts.append(chunk.text)
-                if chunk.finished:
-                    final = chunk
+        start = time.perf_counter()
+        async for chunk in self.stream(prepared):
+            parts.append(chunk.text)
+            if chunk.finished:
+                final = chunk
         return Result("".join(parts), final.finish_reason, final.completion_tokens, final.queue_ms, (time.perf_counter() - start) * 1000)
+
+    async def run(self, prepared: Prepared) -> Result:
+        async with self.admitted():
+            return await self._collect(prepared)
+
+    async def run_many(self, batch: list[Prepared | ApiError]) -> list[Result | ApiError]:
+        """Every prepared input into the engine at once (it batches them); one admission slot.
+
+        Entries that failed to prepare pass through; one that fails in the engine becomes an
+        error of its own, so the others' answers are kept.
+        """
+        async def one(item: Prepared | ApiError) -> Result | ApiError:
+            if isinstance(item, ApiError):
+                return item
+            try:
+                return await self._collect(item)
+            except Exception as exc:  # the engine failed this input only; report it in its entry
+                log.warning("input failed in the engine: %s", exc)
+                return ApiError(500, "generation_failed", f"the engine failed on this input ({type(exc).__name__})")
+
+        async with self.admitted():
+            return list(await asyncio.gather(*(one(item) for item in batch)))

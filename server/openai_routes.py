@@ -11,32 +11,28 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends
 
-from server.adapters import AdapterRecord
-from server.generation import GenerationService, Prepared
-from server.routes import ERRORS, sse
-from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, openai_usage
+from server.generation import GenerationService, Prepared, Target
+from server.routes import WITH_BODY, errors, sse
+from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAISampling, openai_usage
 from server.state import ServerState, get_state, require_api_key
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS, tags=["openai"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
 
 
-async def _adapter(state: ServerState, model: str) -> tuple[AdapterRecord | None, float]:
-    if model == state.base_name:
-        return None, 0.0
-    return await state.generation.adapter_for(model, None, field_name="model")
+async def _prepare(state: ServerState, body: OpenAISampling, ids: list[int], max_tokens: int | None, field_name: str) -> Prepared:
+    """``model`` is the base model's name or an adapter id; prompts are raw (no task template)."""
+    gen = state.generation
+    target = Target(None, "", 0.0) if body.model == state.base_name else await gen.target(body.model, None, field_name="model")
+    return await gen.prepare(ids, target, body, max_tokens, field_name=field_name)
 
 
-async def _prepare(state: ServerState, body, prompt_ids: list[int], max_tokens: int) -> Prepared:
-    record, adapter_ms = await _adapter(state, body.model)
-    return await state.generation.prepare(
-        prompt_ids, record, adapter_ms, max_tokens, body.temperature, body.top_p, body.stop_list(), body.seed
-    )
+STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events when stream is true"}}
 
 
-@router.post("/completions")
+@router.post("/completions", responses={**STREAMS, **WITH_BODY, **errors(404)})
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
     gen = state.generation
-    prepared = await _prepare(state, body, gen.prompt_ids(body.prompt, None), body.max_tokens)
+    prepared = await _prepare(state, body, gen.raw_ids(body.text(), None), None, "prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return await sse(gen, prepared, _completion_chunks(gen, prepared, rid, created, body.model), done_marker=True)
@@ -57,11 +53,10 @@ async def _completion_chunks(gen: GenerationService, prepared: Prepared, rid: st
         yield event
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses={**STREAMS, **WITH_BODY, **errors(404)})
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
     gen = state.generation
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    prepared = await _prepare(state, body, gen.prompt_ids(None, body.messages), max_tokens)
+    prepared = await _prepare(state, body, gen.raw_ids(None, body.messages), body.max_completion_tokens, "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return await sse(gen, prepared, _chat_chunks(gen, prepared, rid, created, body.model), done_marker=True)
@@ -84,7 +79,7 @@ async def _chat_chunks(gen: GenerationService, prepared: Prepared, rid: str, cre
         yield event
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses=errors())
 async def models(state: ServerState = Depends(get_state)) -> ModelList:
     """The base model, then the adapters this replica holds in memory (most recent last)."""
     cards = [ModelCard(id=state.base_name, created=state.started_at)]

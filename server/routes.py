@@ -2,55 +2,70 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.adapters import AdapterRecord, AdapterService, is_adapter_id
+from hypergen.task import TASK_HASH_PATTERN
+from server.adapters import AdapterRecord, AdapterService
 from server.errors import ApiError
-from server.generation import Prepared, task_from
-from server.schemas import AdapterOut, AdapterRequest, ErrorOut, GenerateOut, GenerateRequest
+from server.generation import GenerationService, Prepared, Result, Target, task_from
+from server.schemas import (
+    AdapterOut, AdapterRequest, ErrorBody, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest, InputResult, Usage,
+)
 from server.state import ServerState, get_state, require_api_key
 
-ERRORS = {code: {"model": ErrorOut} for code in (401, 404, 413, 422, 503)}
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+def errors(*codes: int) -> dict[int | str, dict]:
+    """The error statuses a route can answer with (401 and 503 apply to every routed call)."""
+    return {code: {"model": ErrorOut} for code in sorted({401, 503, *codes})}
+
+
+WITH_BODY = errors(400, 413, 422)  # malformed JSON, body or token limits, invalid fields
+router = APIRouter(dependencies=[Depends(require_api_key)])
 health = APIRouter()
+log = logging.getLogger(__name__)
+AdapterIdPath = Path(pattern=TASK_HASH_PATTERN, description="64 lower-case hex characters (the task hash).")
 
 
-def adapter_out(record: AdapterRecord) -> AdapterOut:
+def adapter_out(record: AdapterRecord, gen: GenerationService) -> AdapterOut:
     base = f"/adapters/{record.adapter_id}"
     return AdapterOut(
         **{k: v for k, v in record.meta.items() if k in AdapterOut.model_fields},
+        prompt_template=gen.prompt_template(record),
         cached=record.tier is not None,
         cache_tier=record.tier,
         links={"self": base, "weights": f"{base}/weights"},
     )
 
 
-@router.post("/adapters", response_model=AdapterOut, tags=["adapters"])
+@router.post("/adapters", response_model=AdapterOut, tags=["adapters"], responses=WITH_BODY)
 async def create_adapter(body: AdapterRequest, state: ServerState = Depends(get_state)) -> AdapterOut:
     """Generates (or finds in cache) the LoRA adapter for a task. The id is the task hash."""
     record = await state.adapters.get_or_create(task_from(body))
     if body.options.warm:
         await state.adapters.loaded(record)
-    return adapter_out(record)
+    return adapter_out(record, state.generation)
 
 
-@router.get("/adapters/{adapter_id}", response_model=AdapterOut, tags=["adapters"])
-async def get_adapter(adapter_id: str, state: ServerState = Depends(get_state)) -> AdapterOut:
-    return adapter_out(await state.generation.lookup(adapter_id))
+@router.get("/adapters/{adapter_id}", response_model=AdapterOut, tags=["adapters"], responses=errors(404, 422))
+async def get_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> AdapterOut:
+    """The adapter's metadata, with the prompt template for clients that build prompts themselves."""
+    return adapter_out(await state.generation.lookup(adapter_id), state.generation)
 
 
 @router.get(
     "/adapters/{adapter_id}/weights",
     tags=["adapters"],
     response_class=Response,
-    responses={200: {"content": {"application/gzip": {}}, "description": "PEFT folder as .tar.gz"}},
+    responses={200: {"content": {"application/gzip": {}}, "description": "PEFT folder as .tar.gz"}, **errors(404, 422)},
 )
-async def get_adapter_weights(adapter_id: str, state: ServerState = Depends(get_state)) -> Response:
+async def get_adapter_weights(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> Response:
     """The PEFT adapter folder as a .tar.gz; unpack and pass to peft.PeftModel.from_pretrained."""
     record = await state.generation.lookup(adapter_id)
     return Response(
@@ -60,10 +75,8 @@ async def get_adapter_weights(adapter_id: str, state: ServerState = Depends(get_
     )
 
 
-@router.delete("/adapters/{adapter_id}", status_code=204, tags=["adapters"])
-async def delete_adapter(adapter_id: str, state: ServerState = Depends(get_state)) -> Response:
-    if not is_adapter_id(adapter_id):
-        raise ApiError(422, "invalid_adapter_id", "an adapter id is 64 lower-case hex characters", "adapter_id")
+@router.delete("/adapters/{adapter_id}", status_code=204, tags=["adapters"], responses=errors(404, 422))
+async def delete_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> Response:
     if not await state.adapters.delete(adapter_id):
         raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id}", "adapter_id")
     return Response(status_code=204)
@@ -71,16 +84,29 @@ async def delete_adapter(adapter_id: str, state: ServerState = Depends(get_state
 
 @router.post(
     "/generate",
-    response_model=GenerateOut,
+    response_model=GenerateOut | GenerateManyOut,
     tags=["generation"],
-    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events when stream is true"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON (GenerateManyOut for 'inputs'), or server-sent events when stream is true"},
+        **WITH_BODY, **errors(404),
+    },
 )
 async def generate(body: GenerateRequest, state: ServerState = Depends(get_state)):
-    """Generates text with an adapter (by id, or from an inline task) or with the base model."""
+    """Generates with an adapter (by id, or from an inline task) or the base model.
+
+    ``input``/``inputs`` are answered in the task's own prompt (what the adapter was trained on);
+    ``prompt``/``messages`` are sent raw.
+    """
+    body.check_shape()
     gen = state.generation
-    ids = gen.prompt_ids(body.prompt, body.messages)
-    record, adapter_ms = await gen.adapter_for(body.adapter_id, body.task)
-    prepared = await gen.prepare(ids, record, adapter_ms, body.max_tokens, body.temperature, body.top_p, body.stop_list(), body.seed)
+    target = await gen.target(body.adapter_id, body.task, body.use_adapter)
+    if body.inputs is not None:
+        return await generate_many(gen, target, body)
+    if body.input is not None:
+        ids, field = gen.input_ids(target, body.input), "input"
+    else:
+        ids, field = gen.raw_ids(body.prompt, body.messages), "prompt" if body.prompt is not None else "messages"
+    prepared = await gen.prepare(ids, target, body, field_name=field)
     if body.stream:
         return await sse(gen, prepared, native_events(gen, prepared))
     result = await gen.run(prepared)
@@ -88,9 +114,45 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
         text=result.text,
         adapter_id=prepared.adapter_id,
         finish_reason=result.finish_reason,
-        usage={"prompt_tokens": prepared.prompt_tokens, "completion_tokens": result.completion_tokens,
-               "total_tokens": prepared.prompt_tokens + result.completion_tokens},
-        timings={"adapter_ms": round(adapter_ms, 2), "queue_ms": round(result.queue_ms, 2), "generate_ms": round(result.generate_ms, 2)},
+        usage=usage(prepared.prompt_tokens, result.completion_tokens),
+        timings={"adapter_ms": round(target.adapter_ms, 2), "queue_ms": round(result.queue_ms, 2), "generate_ms": round(result.generate_ms, 2)},
+    )
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+
+
+async def generate_many(gen: GenerationService, target: Target, body: GenerateRequest) -> GenerateManyOut:
+    """Every input into the engine together; an input that fails carries its error, the rest answer."""
+    start = time.perf_counter()
+    batch: list[Prepared | ApiError] = []
+    for i, text in enumerate(body.inputs):
+        try:
+            batch.append(await gen.prepare(gen.input_ids(target, text), target, body, field_name=f"inputs.{i}"))
+        except ApiError as exc:
+            if exc.field != f"inputs.{i}":  # a request-wide problem (max_tokens): the whole request fails
+                raise
+            batch.append(exc)
+    outcomes = await gen.run_many(batch)
+    results: list[InputResult] = []
+    prompt_total = completion_total = 0
+    for item, outcome in zip(batch, outcomes):
+        if isinstance(outcome, Result):
+            prompt_total += item.prompt_tokens
+            completion_total += outcome.completion_tokens
+            results.append(InputResult(
+                text=outcome.text, finish_reason=outcome.finish_reason, usage=usage(item.prompt_tokens, outcome.completion_tokens)
+            ))
+        else:
+            results.append(InputResult(error=ErrorBody(code=outcome.code, message=outcome.message, field=outcome.field)))
+    queue_ms = max((o.queue_ms for o in outcomes if isinstance(o, Result)), default=0.0)
+    return GenerateManyOut(
+        adapter_id=target.adapter_id,
+        results=results,
+        usage=usage(prompt_total, completion_total),
+        timings={"adapter_ms": round(target.adapter_ms, 2), "queue_ms": round(queue_ms, 2),
+                 "generate_ms": round((time.perf_counter() - start) * 1000, 2)},
     )
 
 
@@ -102,9 +164,8 @@ async def native_events(gen, prepared: Prepared) -> AsyncIterator[dict]:
         if chunk.finished:
             yield {
                 "text": "", "done": True, "adapter_id": prepared.adapter_id, "finish_reason": chunk.finish_reason,
-                "usage": {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": chunk.completion_tokens,
-                          "total_tokens": prepared.prompt_tokens + chunk.completion_tokens},
-                "timings": {"adapter_ms": round(prepared.adapter_ms, 2), "queue_ms": round(chunk.queue_ms, 2),
+                "usage": usage(prepared.prompt_tokens, chunk.completion_tokens).model_dump(),
+                "timings": {"adapter_ms": round(prepared.target.adapter_ms, 2), "queue_ms": round(chunk.queue_ms, 2),
                             "generate_ms": round((time.perf_counter() - start) * 1000, 2)},
             }
 
@@ -116,8 +177,13 @@ async def sse(gen, prepared: Prepared, events: AsyncIterator[dict], done_marker:
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+            except Exception:  # the status line is sent: end the stream with an error event, not a broken one
+                log.exception("generation failed mid-stream")
+                error = {"error": {"code": "generation_failed", "message": "the engine failed while streaming", "field": None}}
+                yield f"data: {json.dumps(error)}\n\n".encode()
             if done_marker:
                 yield b"data: [DONE]\n\n"
         finally:
@@ -132,7 +198,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@health.get("/readyz", tags=["health"])
+@health.get("/readyz", tags=["health"], responses={503: {"description": "Starting, or the engine is down"}})
 async def readyz(request: Request, response: Response) -> dict:
     """Ready when the engine is loaded; 'degraded' (still 200) while Redis is configured but unreachable."""
     state: ServerState | None = getattr(request.app.state, "hypergen", None)
@@ -154,7 +220,7 @@ async def readyz(request: Request, response: Response) -> dict:
     }
 
 
-@health.get("/metrics", tags=["health"], response_class=Response)
+@health.get("/metrics", tags=["health"], response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     state: ServerState | None = getattr(request.app.state, "hypergen", None)

@@ -1,33 +1,73 @@
 """Request and response bodies. Field limits here are the API's contract (see openapi.yaml)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from hypergen.task import MAX_DEMO_FIELD_CHARS, MAX_DEMOS, MAX_INSTRUCTION_CHARS
+from hypergen.task import MAX_DEMO_FIELD_CHARS, MAX_DEMOS, MAX_INSTRUCTION_CHARS, TASK_HASH_PATTERN
+from server.errors import ApiError
 
 MAX_PROMPT_CHARS = 32_000
 MAX_MESSAGES = 64
 MAX_STOP = 4
+MAX_STOP_CHARS = 64
+MAX_INPUTS = 256
+MAX_SEED = 2**32 - 1
+NOT_BLANK = r"\S"  # at least one non-whitespace character
+
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 1.0; the strict models otherwise take only true ints."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**limits: Any) -> Any:
+    """An int field type with bounds (the bounds first, so the schema shows them as such)."""
+    return Annotated[int, Field(**limits), BeforeValidator(_integral)]
+
+
+Seed = json_int(ge=0, le=MAX_SEED)
+TokenCount = json_int(ge=1, description="At most HYPERGEN_MAX_TOKENS_LIMIT.")
+AdapterId = Annotated[str, Field(pattern=TASK_HASH_PATTERN, description="64 lower-case hex characters (the task hash).")]
+InputText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+def _given(name: str, json_type: str, value: Any = None) -> dict[str, Any]:
+    """JSON Schema for 'the field is present and not null' (or, with value, equal to it)."""
+    prop: dict[str, Any] = {"type": json_type} if value is None else {"const": value}
+    return {"required": [name], "properties": {name: prop}}
+
+
+# Request models are strict: 0 is not false, "3" is not 3, as the schema says (a contract fuzzer checks).
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class DemoIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     input: str = Field(max_length=MAX_DEMO_FIELD_CHARS)
-    output: str = Field(max_length=MAX_DEMO_FIELD_CHARS)
+    output: str = Field(max_length=MAX_DEMO_FIELD_CHARS, pattern=NOT_BLANK, description="Must not be blank.")
 
 
 class TaskIn(BaseModel):
-    """A task: an instruction and up to 32 input/output demonstrations."""
+    """A task: an instruction and up to 32 input/output demonstrations (a blank instruction needs demos)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        **STRICT,
+        json_schema_extra={"anyOf": [
+            {"required": ["instruction"], "properties": {"instruction": {"pattern": NOT_BLANK}}},
+            {"required": ["demos"], "properties": {"demos": {"minItems": 1}}},
+        ]},
+    )
     instruction: str = Field(default="", max_length=MAX_INSTRUCTION_CHARS)
     demos: list[DemoIn] = Field(default_factory=list, max_length=MAX_DEMOS)
 
 
 class AdapterOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     warm: bool = Field(default=False, description="Also write the adapter for the engine now, so the first generate is faster.")
 
 
@@ -42,6 +82,11 @@ class AdapterLinks(BaseModel):
 
 class AdapterOut(BaseModel):
     adapter_id: str
+    instruction: str
+    prompt_template: str = Field(
+        description="The prompt the adapter was trained on, rendered, with {input} where the input goes: "
+        "substitute it and send it as a raw completion prompt to get the answers /generate gives for 'input'."
+    )
     cached: bool
     cache_tier: Literal["memory", "redis"] | None = None
     base_model: str
@@ -56,38 +101,68 @@ class AdapterOut(BaseModel):
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class SamplingIn(BaseModel):
-    max_tokens: int = Field(default=128, ge=1)
+    max_tokens: TokenCount = Field(default=128, description="At most HYPERGEN_MAX_TOKENS_LIMIT (also the default when that is lower).")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: list[str] | str | None = None
-    seed: int | None = None
+    stop: Annotated[list[StopText], Field(max_length=MAX_STOP)] | StopText | None = None
+    seed: Seed | None = None
     stream: bool = False
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, stop: list[str] | str | None) -> list[str] | None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if stops is not None and (len(stops) > MAX_STOP or any(not s or len(s) > 64 for s in stops)):
-            raise ValueError(f"stop takes up to {MAX_STOP} non-empty strings of at most 64 characters")
-        return stops
-
     def stop_list(self) -> list[str]:
-        return list(self.stop or [])
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+SOURCES = ("prompt", "messages", "input", "inputs")
 
 
 class GenerateRequest(SamplingIn):
-    """Exactly one of prompt / messages; at most one of adapter_id / task (neither = base model)."""
+    """Exactly one of prompt / messages / input / inputs; at most one of adapter_id / task.
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    messages: list[Message] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
-    adapter_id: str | None = None
+    ``input``/``inputs`` are wrapped in the prompt the adapter was trained on (its instruction,
+    the chat template); ``prompt``/``messages`` are sent as they are. Neither adapter_id nor task,
+    or ``use_adapter: false``, means the base model.
+    """
+
+    model_config = ConfigDict(
+        **STRICT,
+        json_schema_extra={
+            "oneOf": [_given("prompt", "string"), _given("messages", "array"), _given("input", "string"), _given("inputs", "array")],
+            "not": {"anyOf": [
+                {"required": ["adapter_id", "task"], "properties": {"adapter_id": {"type": "string"}, "task": {"type": "object"}}},
+                {"required": ["inputs", "stream"], "properties": {"inputs": {"type": "array"}, "stream": {"const": True}}},
+            ]},
+        },
+    )
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS, description="Raw text, tokenised as is.")
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES, description="A raw chat.")
+    input: InputText | None = Field(default=None, description="One input of the task; answered in the task's prompt.")
+    inputs: list[InputText] | None = Field(
+        default=None, min_length=1, max_length=MAX_INPUTS,
+        description=f"Up to {MAX_INPUTS} inputs, generated together; answers come back in order. Not with stream.",
+    )
+    adapter_id: AdapterId | None = None
     task: TaskIn | None = None
+    use_adapter: bool = Field(
+        default=True,
+        description="false: the same prompt on the base model (adapter_id or task still give the instruction).",
+    )
+
+    def check_shape(self) -> None:
+        """The one-of rules (also in the schema), with the field in excess named."""
+        given = [name for name in SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
+            field = given[1] if given else "input"
+            raise ApiError(422, "invalid_request", "give exactly one of 'prompt', 'messages', 'input' or 'inputs'", field)
+        if self.adapter_id is not None and self.task is not None:
+            raise ApiError(422, "invalid_request", "give at most one of 'adapter_id' or 'task'", "task")
+        if self.inputs is not None and self.stream:
+            raise ApiError(422, "invalid_request", "'inputs' cannot be streamed; stream one 'input' per request", "stream")
 
 
 class Usage(BaseModel):
@@ -116,6 +191,22 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
+class InputResult(BaseModel):
+    """One input's answer, or (``error`` set, the rest null) why it has none."""
+
+    text: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: ErrorBody | None = None
+
+
+class GenerateManyOut(BaseModel):
+    adapter_id: str | None
+    results: list[InputResult]
+    usage: Usage
+    timings: Timings
+
+
 class ErrorOut(BaseModel):
     error: ErrorBody
 
@@ -124,30 +215,27 @@ class ErrorOut(BaseModel):
 
 
 class OpenAISampling(SamplingIn):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted and ignored
+    model_config = ConfigDict(extra="ignore", strict=True)  # unknown OpenAI fields are accepted and ignored
     model: str
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: TokenCount = 16
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    n: int = Field(default=1, ge=1, le=1)
+    n: json_int(ge=1, le=1) = 1
     user: str | None = None
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: str | list[str] = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
+        description="One prompt (a list of exactly one is accepted too)."
+    )
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> "CompletionRequest":
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise ValueError("prompt: exactly one prompt per request is supported")
-            self.prompt = self.prompt[0]
-        return self
+    def text(self) -> str:
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
 
 
 class ChatCompletionRequest(OpenAISampling):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int = Field(default=128, ge=1)
+    max_completion_tokens: TokenCount | None = None
+    max_tokens: TokenCount = 128
 
 
 class ModelCard(BaseModel):

@@ -95,6 +95,59 @@ def test_generate_with_adapter_id_and_inline_task(client):
     assert set(a["timings"]) == {"adapter_ms", "queue_ms", "generate_ms"}
 
 
+def test_input_is_answered_in_the_prompt_the_adapter_was_trained_on(client):
+    task = new_task("input")
+    created = client.post("/adapters", json=task).json()
+    adapter_id, template = created["adapter_id"], created["prompt_template"]
+    assert created["instruction"] == task["instruction"]
+    assert template.count("{input}") == 1 and task["instruction"] in template
+    assert client.get(f"/adapters/{adapter_id}").json()["prompt_template"] == template
+
+    by_input = client.post("/generate", json={"input": "big", "adapter_id": adapter_id, "max_tokens": 12}).json()
+    by_hand = client.post("/generate", json={
+        "messages": [{"role": "user", "content": f"{task['instruction']}\n\nInput: big\nOutput:"}],
+        "adapter_id": adapter_id, "max_tokens": 12,
+    }).json()
+    assert by_input["text"] == by_hand["text"] and by_input["usage"] == by_hand["usage"]
+    # The template, filled in and sent raw through the OpenAI route, is the same prompt.
+    raw = client.post("/v1/completions", json={
+        "model": adapter_id, "prompt": template.replace("{input}", "big"), "max_tokens": 12, "temperature": 0,
+    }).json()
+    assert raw["choices"][0]["text"] == by_input["text"]
+    assert raw["usage"]["prompt_tokens"] == by_input["usage"]["prompt_tokens"]
+
+    # use_adapter: false is the same prompt on the base model, and creates nothing.
+    runs = metric(client, "hypergen_hypernetwork_runs_total")
+    base = client.post("/generate", json={"input": "big", "adapter_id": adapter_id, "use_adapter": False, "max_tokens": 12}).json()
+    inline_base = client.post("/generate", json={"input": "big", "task": new_task("never"), "use_adapter": False, "max_tokens": 2})
+    assert base["adapter_id"] is None and inline_base.json()["adapter_id"] is None
+    assert base["usage"]["prompt_tokens"] == by_input["usage"]["prompt_tokens"]
+    assert base["text"] != by_input["text"]  # the (randomised) adapter changes the answer
+    assert metric(client, "hypergen_hypernetwork_runs_total") == runs
+
+
+def test_inputs_answer_in_order_and_a_failing_input_keeps_the_rest(client):
+    task = new_task("batch")
+    inputs = [" ".join(["word"] * (i + 1)) for i in range(64)]
+    response = client.post("/generate", json={"inputs": inputs, "task": task, "max_tokens": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    results = body["results"]
+    assert len(results) == 64 and body["adapter_id"] is not None
+    assert all(r["error"] is None and r["text"] is not None and r["finish_reason"] for r in results)
+    tokens = [r["usage"]["prompt_tokens"] for r in results]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 64  # each input's own prompt, in input order
+    assert body["usage"]["prompt_tokens"] == sum(tokens)
+    assert body["usage"]["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in results)
+
+    mixed = client.post("/generate", json={"inputs": ["big", "word " * 2000, "small"], "task": task, "max_tokens": 3})
+    assert mixed.status_code == 200, mixed.text
+    first, too_long, last = mixed.json()["results"]
+    assert too_long["text"] is None and too_long["error"]["code"] == "prompt_too_long"
+    assert too_long["error"]["field"] == "inputs.1"
+    assert first["text"] is not None and last["text"] is not None and first["error"] is None
+
+
 def test_streaming_matches_non_streaming(client):
     task = new_task()
     request = {"prompt": "The three primary colours are", "task": task, "max_tokens": 10}
@@ -163,6 +216,10 @@ def test_two_replicas_share_adapters_through_redis(client, hf_replica):
         # and the other way round
         made_there = other.post("/adapters", json=new_task("other-way")).json()
         assert other.get(f"/adapters/{made_there['adapter_id']}").status_code == 200
+        # The record carries the instruction, so the other replica builds the same prompt.
+        assert other.get(f"/adapters/{created['adapter_id']}").json()["prompt_template"] == created["prompt_template"]
+        answer = other.post("/generate", json={"input": "big", "adapter_id": created["adapter_id"], "max_tokens": 2})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] > 0
     assert client.get(f"/adapters/{made_there['adapter_id']}").json()["cache_tier"] in ("redis", "memory")
 
 
@@ -184,6 +241,21 @@ def test_corrupt_redis_entry_is_dropped_and_regenerated(client, hf_replica, redi
     verify_blob(redis_client.hget(key, "blob"))  # the regenerated entry replaced the damaged one
 
 
+def test_an_entry_without_the_instruction_reads_as_a_miss(client, hf_replica, redis_client, redis_prefix):
+    """Entries written before records kept the instruction cannot build prompts: regenerated, not served."""
+    task = new_task("outdated")
+    adapter_id = client.post("/adapters", json=task).json()["adapter_id"]
+    key = f"{redis_prefix}adapter:{adapter_id}"
+    meta = json.loads(redis_client.hget(key, "meta"))
+    del meta["instruction"]
+    redis_client.hset(key, "meta", json.dumps(meta))
+    with hf_replica.client() as other:  # its memory tier has never seen this task
+        assert other.get(f"/adapters/{adapter_id}").status_code == 404
+        again = other.post("/adapters", json=task).json()
+        assert again["cached"] is False and again["instruction"] == task["instruction"]
+    assert json.loads(redis_client.hget(key, "meta"))["instruction"] == task["instruction"]
+
+
 BAD_REQUESTS = [
     ("/adapters", {"instruction": "  ", "demos": []}, 422, "instruction"),
     ("/adapters", {"instruction": "x", "demos": [{"input": "a"}]}, 422, "demos.0.output"),
@@ -194,14 +266,26 @@ BAD_REQUESTS = [
     ("/adapters", {"instruction": 5}, 422, "instruction"),
     ("/generate", {"prompt": "hi", "adapter_id": "../../etc/passwd"}, 422, "adapter_id"),
     ("/generate", {"prompt": "hi", "adapter_id": "0" * 64}, 404, "adapter_id"),
-    ("/generate", {"prompt": "hi", "messages": CHAT}, 422, "prompt"),
-    ("/generate", {"max_tokens": 3}, 422, "prompt"),
+    ("/generate", {"prompt": "hi", "messages": CHAT}, 422, "messages"),
+    ("/generate", {"max_tokens": 3}, 422, "input"),
+    ("/generate", {"prompt": "hi", "input": "big"}, 422, "input"),
+    ("/generate", {"messages": CHAT, "inputs": ["big"]}, 422, "inputs"),
+    ("/generate", {"inputs": []}, 422, "inputs"),
+    ("/generate", {"inputs": ["x"] * 257}, 422, "inputs"),
+    ("/generate", {"inputs": ["big", 5]}, 422, "inputs.1"),
+    ("/generate", {"inputs": ["big"], "stream": True}, 422, "stream"),
+    ("/generate", {"input": "big", "use_adapter": 0}, 422, "use_adapter"),
+    ("/generate", {"input": "big", "adapter_id": "A" * 64}, 422, "adapter_id"),
+    ("/generate", {"input": "word " * 2000}, 413, "input"),
+    ("/generate", {"input": "big", "max_tokens": "3"}, 422, "max_tokens"),
+    ("/generate", {"prompt": ""}, 422, "prompt"),
+    ("/adapters", {"instruction": "x", "options": {"warm": 0}}, 422, "options.warm"),
     ("/generate", {"prompt": "hi", "max_tokens": 100000}, 422, "max_tokens"),
     ("/generate", {"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
     ("/generate", {"prompt": "hi", "temperature": 9}, 422, "temperature"),
-    ("/generate", {"prompt": "word " * 2000}, 422, "prompt"),
+    ("/generate", {"prompt": "word " * 2000}, 413, "prompt"),
     ("/generate", {"prompt": "hi", "task": {"instruction": "x", "demos": [{"input": "a"}]}}, 422, "task.demos.0.output"),
-    ("/generate", {"prompt": "hi", "adapter_id": "0" * 64, "task": {"instruction": "x"}}, 422, "adapter_id"),
+    ("/generate", {"prompt": "hi", "adapter_id": "0" * 64, "task": {"instruction": "x"}}, 422, "task"),
     ("/generate", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
 ]
 

@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import AsyncIterator
 
 
+# Temperatures below this sample greedily (vLLM's own threshold): dividing logits by 1e-100 overflows.
+GREEDY_BELOW = 1e-5
+
+
 class EngineBusy(RuntimeError):
     """The engine cannot take another request now; the client should retry shortly."""
 
@@ -29,6 +33,10 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     adapter: LoadedAdapter | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

@@ -71,8 +71,8 @@ class HFEngine(Engine):
                     return reason == "stop"
 
             tokenizer = self._tokenizer
-            kwargs = {"max_new_tokens": request.max_tokens, "do_sample": request.temperature > 0}
-            if request.temperature > 0:
+            kwargs = {"max_new_tokens": request.max_tokens, "do_sample": not request.greedy}
+            if not request.greedy:
                 kwargs.update(temperature=request.temperature, top_p=request.top_p)
                 if request.seed is not None:
                     torch.manual_seed(request.seed)
