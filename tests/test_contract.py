@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "contract-test-key"
 
 
-def schemathesis_run(url: str, *headers: str) -> subprocess.CompletedProcess:
+def schemathesis_run(url: str, workdir: Path, *headers: str) -> subprocess.CompletedProcess:
+    """``st run`` with every check; it keeps a crash cache in its working directory, so not the repo."""
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     if st is None:
         pytest.skip("schemathesis is not installed (it is in the dev extra)")
@@ -38,7 +39,7 @@ def schemathesis_run(url: str, *headers: str) -> subprocess.CompletedProcess:
     for header in headers:
         command += ["--header", header]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEMATHESIS_HOOKS": "tests.contract_checks", "NO_COLOR": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=900)
 
 
 def assert_clean(run: subprocess.CompletedProcess) -> None:
@@ -51,20 +52,20 @@ def fuzz_server(server_env: dict[str, str], tmp_path_factory, engine: str, **ext
     return ServerProcess(tmp_path_factory.mktemp("fuzz"), env, f"fuzz-{engine}").wait_ready()
 
 
-def test_contract_without_api_keys(server_env, tmp_path_factory):
+def test_contract_without_api_keys(server_env, tmp_path_factory, tmp_path):
     server = fuzz_server(server_env, tmp_path_factory, "vllm")
     try:
-        assert_clean(schemathesis_run(server.url))
+        assert_clean(schemathesis_run(server.url, tmp_path))
         assert "Traceback" not in server.log()  # nothing failed inside either
     finally:
         server.stop()
 
 
-def test_contract_with_api_keys(server_env, tmp_path_factory):
+def test_contract_with_api_keys(server_env, tmp_path_factory, tmp_path):
     server = fuzz_server(server_env, tmp_path_factory, "hf", HYPERGEN_API_KEYS=f'["{KEY}"]')
     try:
-        assert_clean(schemathesis_run(server.url, f"Authorization: Bearer {KEY}"))
-        anonymous = schemathesis_run(server.url)  # every routed call must answer 401, as documented
+        assert_clean(schemathesis_run(server.url, tmp_path, f"Authorization: Bearer {KEY}"))
+        anonymous = schemathesis_run(server.url, tmp_path)  # every routed call must answer 401, as documented
         assert_clean(anonymous)
         assert "returned only 401" in anonymous.stdout
         assert "Traceback" not in server.log()
