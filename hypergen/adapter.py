@@ -2,8 +2,9 @@
 
 ``save_peft`` writes the folder that ``peft.PeftModel.from_pretrained`` and vLLM's
 ``LoRARequest`` load. ``to_bytes`` writes one self-describing safetensors blob for
-caches: the PEFT config and a SHA-256 of the tensor section ride in its metadata,
-and ``from_bytes`` refuses a blob whose checksum does not match.
+caches: the PEFT config, task hash and metadata ride in its safetensors metadata with
+a SHA-256 over all of it and the tensors, and ``from_bytes`` refuses a blob whose
+checksum does not match (a flipped alpha is as damaged as a flipped weight).
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from safetensors.torch import load, load_file, save, save_file
 from hypergen.errors import CorruptAdapterError
 from hypergen.task import canonical_json
 
-BLOB_FORMAT = "hypergen-adapter/1"
+BLOB_FORMAT = "hypergen-adapter/2"  # /2: the checksum covers the metadata too
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+TRAINING_FILE = "hypergen_training.json"  # beside a trained LoRA's PEFT files: which tasks and instances it saw
 _MLP_MODULES = {"gate_proj", "up_proj", "down_proj"}
 
 
@@ -97,16 +99,19 @@ class Adapter:
         )
 
     def to_bytes(self) -> bytes:
-        """One blob: safetensors whose metadata holds the PEFT config and a checksum."""
+        """One blob: safetensors whose metadata holds the PEFT config, the task hash and a checksum.
+
+        The tensors are serialised once; the metadata is spliced into that header.
+        """
         body = save(self._contiguous())
-        info = {
+        info: dict[str, Any] = {
             "format": BLOB_FORMAT,
             "peft_config": self.peft_config(),
             "task_hash": self.task_hash,
             "meta": self.meta,
-            "sha256": _payload_digest(body),
         }
-        return save(self._contiguous(), metadata={"hypergen": canonical_json(info)})
+        info["sha256"] = _digest(info, body)
+        return _with_metadata(body, {"hypergen": canonical_json(info)})
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "Adapter":
@@ -138,7 +143,7 @@ def verify_blob(blob: bytes) -> dict[str, Any]:
         info = json.loads(header["__metadata__"]["hypergen"])
         if info.get("format") != BLOB_FORMAT:
             raise ValueError(f"format {info.get('format')!r}")
-        if _payload_digest(blob) != info["sha256"]:
+        if _digest(info, blob) != info["sha256"]:
             raise ValueError("checksum mismatch")
         info["peft_config"]["target_modules"]  # noqa: B018 - must be present
     except CorruptAdapterError:
@@ -157,11 +162,22 @@ def _read_header(blob: bytes) -> dict[str, Any]:
     return json.loads(blob[8 : 8 + n])
 
 
-def _payload_digest(blob: bytes) -> str:
-    """SHA-256 over the tensor table (names, dtypes, shapes, offsets) and the tensor bytes."""
+def _digest(info: dict[str, Any], blob: bytes) -> str:
+    """SHA-256 over the metadata (all but the checksum), the tensor table and the tensor bytes."""
     header = _read_header(blob)
     header.pop("__metadata__", None)
     (n,) = struct.unpack("<Q", blob[:8])
-    digest = hashlib.sha256(canonical_json(header).encode())
+    digest = hashlib.sha256(canonical_json({k: v for k, v in info.items() if k != "sha256"}).encode())
+    digest.update(canonical_json(header).encode())
     digest.update(blob[8 + n :])
     return digest.hexdigest()
+
+
+def _with_metadata(blob: bytes, metadata: dict[str, str]) -> bytes:
+    """The same safetensors blob with ``metadata`` in its header (padded to 8 bytes, as the format wants)."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + blob[8 + n :]

@@ -73,8 +73,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
 
     config = TrainConfig.load(args.config) if args.config else TrainConfig()
     tasks = load_sni(args.sni_dir, args.split, names=args.task or None)
-    instances = {t.name: t.instances[args.skip_first:] for t in tasks} if args.skip_first else None
-    print(train_lora(tasks, args.out, config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, instances=instances))
+    print(train_lora(tasks, args.out, config, steps=args.steps, batch_size=args.batch_size, lr=args.lr, skip_first=args.skip_first))
     return 0
 
 

@@ -94,7 +94,10 @@ def split_names(split_file: str | Path) -> list[str]:
 
 
 def find_split_file(root: str | Path, split: str) -> Path:
-    """``splits/<split>_tasks.txt`` (this project's subset) or ``splits/default/...`` (full S-NI)."""
+    """``splits/<split>_tasks.txt`` (this project's subset), ``splits/default/...`` (full S-NI),
+    or ``split`` itself when it is a ``.txt`` file (e.g. a validation split of your own)."""
+    if split.endswith(".txt") and Path(split).is_file():
+        return Path(split)
     root = Path(root)
     for candidate in (root / "splits" / f"{split}_tasks.txt", root / "splits" / "default" / f"{split}_tasks.txt"):
         if candidate.is_file():

@@ -3,7 +3,8 @@
 Every method sees the same instances with the same prompt format, greedy decoding and
 token budget; answers are scored on their first line. Metrics per task (mean over its
 instances), then averaged over tasks: ROUGE-L F1 (rouge-score, lower-cased word tokens,
-best over the references; the S-NI standard) and exact match (after lower-casing and
+best over the references; unlike S-NI's own scorer, no Porter stemmer, so "walked" and
+"walk" do not match and figures run slightly below S-NI's) and exact match (after lower-casing and
 removing punctuation, articles and extra spaces), both in percent.
 
 Demos (for ``icl`` and ``generated``) come from the task's Positive Examples, topped up
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from hypergen.adapter import TRAINING_FILE
 from hypergen.data import TaskData, load_sni
 from hypergen.peft_adapters import PeftAdapterSet
 from hypergen.prompts import first_line, prompt_ids
@@ -196,6 +198,7 @@ class Evaluation:
         setup = {k: getattr(self.config, k) for k in keys}
         setup["hypernetwork"] = self.hyper.fingerprint if self.hyper else None
         setup["base_model"] = self.base
+        setup["engine"] = self.generate.engine
         path = self.out / "eval_setup.json"
         if path.is_file():
             saved = json.loads(path.read_text())
@@ -222,8 +225,20 @@ class Evaluation:
             return self.config.multitask_lora or False
         if method == "oracle_lora":
             folder = Path(self.config.oracle_dir or "") / task.name / "adapter"
-            return str(folder) if self.config.oracle_dir and (folder / "adapter_config.json").is_file() else False
+            if not (self.config.oracle_dir and (folder / "adapter_config.json").is_file()):
+                return False
+            self._check_oracle(folder)
+            return str(folder)
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+    def _check_oracle(self, folder: Path) -> None:
+        """Refuses an oracle LoRA that may have trained on the instances scored here."""
+        record = folder / TRAINING_FILE
+        seen = json.loads(record.read_text()).get("skip_first", 0) if record.is_file() else None
+        if seen is None or seen < self.config.max_instances:
+            why = "does not say which instances it trained on" if seen is None else f"trained on all but the first {seen} instances"
+            raise ValueError(f"oracle LoRA {folder} {why}, and the first {self.config.max_instances} are scored; "
+                             f"train it with --skip-first {self.config.max_instances}")
 
     def run(self) -> dict[str, Any]:
         units = [(m, t) for m in self.config.methods for t in self.tasks if not self._partial(m, t.name).is_file()]
@@ -235,8 +250,7 @@ class Evaluation:
                     requests, owners = [], []
                     for task in chunk:
                         adapter = self._adapter_for(method, task)
-                        if adapter is False:
-                            self._save(method, task, None)
+                        if adapter is False:  # not saved: a later run that supplies the input runs it
                             continue
                         demos = demos_for(task, self.config.k_demos, self.config.max_instances) if method == "icl" else ()
                         for inst in task.instances[: self.config.max_instances]:
@@ -257,18 +271,24 @@ class Evaluation:
                     bar.update(len(chunk))
         return self.report()
 
-    def _save(self, method: str, task: TaskData, rows: list[dict[str, Any]] | None) -> None:
+    def _save(self, method: str, task: TaskData, rows: list[dict[str, Any]]) -> None:
+        """One task's predictions and scores, written atomically (a killed run leaves no half file)."""
         path = self._partial(method, task.name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"skipped": rows is None, "rows": rows or []}))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rows": rows}))
+        os.replace(tmp, path)
 
     def report(self) -> dict[str, Any]:
         tasks: dict[str, dict[str, dict[str, float]]] = {}
         labels = {task.name: label_set(task) for task in self.tasks}
         for method in self.config.methods:
             for task in self.tasks:
-                data = json.loads(self._partial(method, task.name).read_text())
-                if data["skipped"] or not data["rows"]:
+                partial = self._partial(method, task.name)
+                if not partial.is_file():  # the method skips this task (no adapter for it)
+                    continue
+                data = json.loads(partial.read_text())
+                if not data["rows"]:
                     continue
                 rows = data["rows"]
                 scores = {

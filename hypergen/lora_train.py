@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from hypergen.adapter import Adapter, peft_key
+from hypergen.adapter import TRAINING_FILE, Adapter, peft_key
 from hypergen.base_model import load_dims, load_model, load_tokenizer
 from hypergen.batching import length_buckets, lm_loss, make_batch
-from hypergen.data import Instance, TaskData
+from hypergen.data import TaskData
 from hypergen.hypernet import peft_lora_a_init
 from hypergen.lora_apply import lora_applied
 from hypergen.prompts import prompt_ids, target_ids
@@ -56,9 +56,11 @@ def train_lora(
     steps: int,
     batch_size: int = 8,
     lr: float = 1e-3,
-    instances: dict[str, list[Instance]] | None = None,
+    skip_first: int = 0,
 ) -> Path:
-    """Trains a LoRA on rows drawn from ``tasks`` (or their given ``instances``); returns the PEFT folder."""
+    """Trains a LoRA on rows drawn from ``tasks`` (leaving each task's first ``skip_first``
+    instances out: the ones an evaluation scores); returns the PEFT folder, which records
+    what it was trained on in ``TRAINING_FILE``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
@@ -72,7 +74,7 @@ def train_lora(
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     step = load_optimizer(optimizer, state_dir) if has_state(state_dir) else 0
     rows_all = [(prompt_ids(tokenizer, t.instruction, inst.input), target_ids(tokenizer, inst.outputs[0]))
-                for t in tasks for inst in (instances or {}).get(t.name, t.instances)]
+                for t in tasks for inst in t.instances[skip_first:]]
     rows_all = [r for r in rows_all if len(r[0]) <= config.max_prompt_tokens]  # never cut a prompt
     buckets = length_buckets(rows_all, lambda r: len(r[0]), config.length_buckets if len(rows_all) >= 4 * batch_size else 1)
     schedule = config.model_copy(update={"lr": lr})
@@ -103,4 +105,6 @@ def train_lora(
                 save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp / "lora.safetensors"))
                 save_optimizer(optimizer, tmp, step)
                 swap_in(tmp, state_dir)
-    return to_adapter(params, spec, config.base_model).save_peft(out_dir / "adapter")
+    folder = to_adapter(params, spec, config.base_model).save_peft(out_dir / "adapter")
+    (folder / TRAINING_FILE).write_text(json.dumps({"tasks": [t.name for t in tasks], "skip_first": skip_first, "steps": steps}))
+    return folder

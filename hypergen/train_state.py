@@ -50,4 +50,8 @@ def swap_in(tmp: Path, final: Path) -> None:
 
 
 def has_state(directory: Path) -> bool:
+    """True when ``directory`` holds a saved state; recovers one a crash left mid-swap (``.old``)."""
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and (old / "trainer.json").is_file():
+        old.rename(directory)
     return (directory / "trainer.json").is_file()

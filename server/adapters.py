@@ -34,12 +34,28 @@ log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(TASK_HASH_PATTERN)
 LOCK_TTL_MS = 30_000
+PRUNE_GRACE_S = 60.0  # a folder used this recently is never pruned: the engine may be loading it
 # What every record's metadata holds; an entry written by an older server without them is a miss.
 REQUIRED_META = ("adapter_id", "instruction", "rank", "alpha", "target_modules")
 
 
 def is_adapter_id(value: str) -> bool:
     return bool(ADAPTER_ID.fullmatch(value))
+
+
+def private_dir(path: Path) -> Path:
+    """Creates ``path`` readable by this user only; refuses one that another user owns.
+
+    The default lives in world-writable /dev/shm under a predictable name: a folder someone
+    else made there could hand the engine their adapters.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if path.is_symlink() or info.st_uid != os.getuid():
+        raise PermissionError(f"{path} is not a folder of this user's; set HYPERGEN_ADAPTER_DIR to another place")
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
 
 
 @dataclass
@@ -76,7 +92,8 @@ class AdapterService:
         self._inflight: dict[str, asyncio.Future[AdapterRecord]] = {}
         # One thread: the hypernetwork uses all cores itself; parallel runs would only contend.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypernet")
-        adapter_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(adapter_dir)
+        self._prune_folders()  # also clears a crashed writer's .tmp-* folders
 
     # --- lookup -------------------------------------------------------------
 
@@ -85,9 +102,14 @@ class AdapterService:
             self.metrics.cache_misses.labels(tier).inc()
             return None
         try:
-            verify_blob(entry.blob)
+            info = verify_blob(entry.blob)
+            if info.get("task_hash") != key or entry.meta.get("adapter_id") != key:
+                raise CorruptAdapterError("the entry is another task's adapter")
             if any(name not in entry.meta for name in REQUIRED_META):
                 raise CorruptAdapterError("the entry's metadata lacks fields this server needs")
+            config = info["peft_config"]
+            if (entry.meta["rank"], entry.meta["alpha"], entry.meta["target_modules"]) != (config["r"], config["lora_alpha"], config["target_modules"]):
+                raise CorruptAdapterError("the entry's metadata disagrees with its adapter")
         except CorruptAdapterError:
             log.warning("dropping corrupt or outdated %s cache entry %s", tier, key)
             self.metrics.cache_corrupt.labels(tier).inc()
@@ -124,27 +146,26 @@ class AdapterService:
         if record is not None:
             return record
         pending = self._inflight.get(adapter_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[AdapterRecord] = asyncio.get_running_loop().create_future()
-        self._inflight[adapter_id] = future
-        try:
-            record = await self._create(adapter_id, task)
-            future.set_result(record)
-            return record
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved when nobody else waits
-            raise
-        finally:
-            self._inflight.pop(adapter_id, None)
+        if pending is None:
+            # A task of its own: if the request that started it goes away, the work still finishes
+            # for the others waiting on it, and for the cache.
+            pending = asyncio.ensure_future(self._create(adapter_id, task))
+            self._inflight[adapter_id] = pending
+            pending.add_done_callback(lambda done: self._finished(adapter_id, done))
+        return await asyncio.shield(pending)
+
+    def _finished(self, adapter_id: str, done: asyncio.Future[AdapterRecord]) -> None:
+        self._inflight.pop(adapter_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here, so an error nobody waited for is not logged as lost
 
     async def _create(self, adapter_id: str, task: Task) -> AdapterRecord:
         token = None
         if self.redis is not None:
             token = await self.redis.acquire_lock(adapter_id, LOCK_TTL_MS)
             if token is None and self.redis.available:
-                # Another replica is generating it: wait for its result rather than duplicate work.
+                # Another replica is generating it: wait for its result rather than duplicate work
+                # (or, if it releases its lock without a result, compute it here).
                 found = await self.redis.wait_for(adapter_id, LOCK_TTL_MS / 1000)
             else:
                 # Double-checked: a replica may have finished between our miss and our lock.
@@ -189,9 +210,17 @@ class AdapterService:
     # --- engine side --------------------------------------------------------
 
     async def loaded(self, record: AdapterRecord) -> LoadedAdapter:
-        """The adapter's PEFT folder (written once, atomically) for the engine to load."""
+        """The adapter's PEFT folder (written once, atomically) for the engine to load.
+
+        A folder in use has its time refreshed, so pruning removes the least recently used.
+        """
         path = self.adapter_dir / record.adapter_id
-        if not (path / PEFT_WEIGHTS_FILE).is_file():
+        if (path / PEFT_WEIGHTS_FILE).is_file():
+            try:
+                os.utime(path)
+            except FileNotFoundError:  # pruned or deleted just now: write it again
+                await asyncio.to_thread(self._write_folder, record, path)
+        else:
             await asyncio.to_thread(self._write_folder, record, path)
         return LoadedAdapter(record.adapter_id, path)
 
@@ -209,11 +238,22 @@ class AdapterService:
         self._prune_folders()
 
     def _prune_folders(self) -> None:
-        folders = [p for p in self.adapter_dir.iterdir() if p.is_dir() and is_adapter_id(p.name)]
-        if len(folders) <= self.max_adapter_dirs:
-            return
-        folders.sort(key=lambda p: p.stat().st_mtime)
-        for old in folders[: len(folders) - self.max_adapter_dirs]:
+        """Keeps ``max_adapter_dirs`` folders, least recently used first out; none used in the last
+        PRUNE_GRACE_S seconds (the engine may be about to load it), and no stale ``.tmp-*`` ones."""
+        stale = time.time() - PRUNE_GRACE_S
+        folders, leftovers = [], []
+        for path in self.adapter_dir.iterdir():
+            try:
+                used = path.stat().st_mtime
+            except FileNotFoundError:  # removed by another writer meanwhile
+                continue
+            if path.is_dir() and is_adapter_id(path.name):
+                folders.append((used, path))
+            elif path.name.startswith(".tmp-") and used < stale:
+                leftovers.append(path)
+        folders.sort()
+        excess = [path for used, path in folders[: max(0, len(folders) - self.max_adapter_dirs)] if used < stale]
+        for old in excess + leftovers:
             shutil.rmtree(old, ignore_errors=True)  # rewritten from the cache if asked for again
 
     async def delete(self, adapter_id: str) -> bool:
@@ -228,7 +268,7 @@ class AdapterService:
         return found
 
     @staticmethod
-    def weights_archive(record: AdapterRecord) -> bytes:
+    def weights_archive(record: AdapterRecord) -> bytes:  # blocking: call through a thread
         """A .tar.gz of the PEFT folder (adapter_config.json + adapter_model.safetensors)."""
         adapter = Adapter.from_bytes(record.blob)
         with tempfile.TemporaryDirectory() as tmp:

@@ -146,12 +146,19 @@ class RedisCache:
         await self._call("unlock", lambda: self._client.eval(script, 1, self._key("lock", key), token), 0)
 
     async def wait_for(self, key: str, timeout_s: float, poll_s: float = 0.05) -> CacheEntry | None:
-        """Polls for an entry that another replica is producing."""
+        """Polls for an entry that another replica is producing, while its lock is held.
+
+        Returns None (the caller computes it itself) as soon as the lock is gone without an
+        entry (that replica's write failed, or it gave up), when Redis fails, or at the timeout
+        (the lock's TTL: a replica that died mid-run).
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.available:
             entry = await self.get(key)
             if entry is not None:
                 return entry
+            if not await self._call("exists", lambda: self._client.exists(self._key("lock", key)), 0):
+                return await self.get(key)  # released: written just now, or never will be
             await asyncio.sleep(poll_s)
         return None
 

@@ -11,6 +11,7 @@ from starlette.routing import Match
 
 from hypergen.errors import HypergenError
 from server.engines import EngineBusy
+from server.middleware import BodyTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, BodyTooLarge):
+            return error_response(413, "body_too_large", str(exc.__cause__), None)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:

@@ -14,7 +14,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from hypergen import prompts
 from hypergen.errors import TaskError
@@ -59,6 +59,21 @@ class Prepared:
     @property
     def adapter_id(self) -> str | None:
         return self.target.adapter_id
+
+
+class Slot:
+    """A place in the engine, given back exactly once however the request ends."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    def __del__(self) -> None:  # a last resort: a response dropped before it ever ran
+        self.release()
 
 
 @dataclass
@@ -155,19 +170,28 @@ class GenerationService:
 
     # --- running ------------------------------------------------------------
 
-    @asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
-        """Bounds requests in the engine; past the bound the client gets 503 + Retry-After."""
+    def admit(self) -> Slot:
+        """One of HYPERGEN_MAX_CONCURRENT_REQUESTS places in the engine; past them, 503 + Retry-After."""
         if self._inflight >= self.settings.max_concurrent_requests:
             self.metrics.rejected.inc()
             raise EngineBusy(f"the engine is serving {self._inflight} requests; retry shortly")
         if not self.engine.ready():
             raise EngineBusy("the engine is not ready")
         self._inflight += 1
+        self.metrics.in_engine.set(self._inflight)
+        return Slot(self._release)
+
+    def _release(self) -> None:
+        self._inflight -= 1
+        self.metrics.in_engine.set(self._inflight)
+
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        slot = self.admit()
         try:
             yield
         finally:
-            self._inflight -= 1
+            slot.release()
 
     async def stream(self, prepared: Prepared) -> AsyncIterator[GenerationChunk]:
         """Engine chunks; call inside ``admitted()``. Updates token metrics and resident gauge."""

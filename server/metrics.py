@@ -28,4 +28,5 @@ class Metrics:
         )
         self.redis_up = Gauge("hypergen_redis_up", "1 when Redis answered the last call", registry=r)
         self.generated_tokens = Counter("hypergen_generated_tokens_total", "Completion tokens", registry=r)
+        self.in_engine = Gauge("hypergen_requests_in_engine", "Requests holding an admission slot", registry=r)
         self.rejected = Counter("hypergen_rejected_total", "Requests refused because the engine was saturated", registry=r)

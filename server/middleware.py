@@ -35,19 +35,20 @@ class BodyLimitMiddleware:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _TooLarge()
+                raise BodyTooLarge(too_big)
             return message
 
         try:
             await self.app(scope, limited, send)
-        except _TooLarge:
+        except BodyTooLarge:  # raised where the body was read outside FastAPI's parsing
             start, body = _json_error(413, "body_too_large", too_big)
             await send(start)
             await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """A streamed (chunked) body grew past the bound. FastAPI reports errors while reading a
+    body as a 400 caused by this; the error handlers turn that back into 413."""
 
 
 class MetricsMiddleware:

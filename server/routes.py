@@ -1,6 +1,7 @@
 """The native API: adapters, generation, health and metrics. Thin: each route delegates to a service."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from hypergen.task import TASK_HASH_PATTERN
 from server.adapters import AdapterRecord, AdapterService
 from server.errors import ApiError
-from server.generation import GenerationService, Prepared, Result, Target, task_from
+from server.generation import GenerationService, Prepared, Result, Slot, Target, task_from
 from server.schemas import (
     AdapterOut, AdapterRequest, ErrorBody, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest, InputResult, Usage,
 )
@@ -69,7 +70,7 @@ async def get_adapter_weights(adapter_id: str = AdapterIdPath, state: ServerStat
     """The PEFT adapter folder as a .tar.gz; unpack and pass to peft.PeftModel.from_pretrained."""
     record = await state.generation.lookup(adapter_id)
     return Response(
-        AdapterService.weights_archive(record),
+        await asyncio.to_thread(AdapterService.weights_archive, record),
         media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{adapter_id}.tar.gz"'},
     )
@@ -170,10 +171,11 @@ async def native_events(gen, prepared: Prepared) -> AsyncIterator[dict]:
             }
 
 
-async def sse(gen, prepared: Prepared, events: AsyncIterator[dict], done_marker: bool = False) -> StreamingResponse:
-    """Server-sent events; admission is taken before the response starts so 503 stays possible."""
-    admission = gen.admitted()
-    await admission.__aenter__()
+async def sse(gen: GenerationService, prepared: Prepared, events: AsyncIterator[dict], done_marker: bool = False) -> StreamingResponse:
+    """Server-sent events. The slot is taken before the response starts (so 503 stays possible)
+    and given back by the response however it ends, even when the client left before the
+    first byte and the body never ran."""
+    slot = gen.admit()
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -187,9 +189,21 @@ async def sse(gen, prepared: Prepared, events: AsyncIterator[dict], done_marker:
             if done_marker:
                 yield b"data: [DONE]\n\n"
         finally:
-            await admission.__aexit__(None, None, None)
+            slot.release()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return SlotResponse(slot, body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class SlotResponse(StreamingResponse):
+    def __init__(self, slot: Slot, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 (ASGI)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
 @health.get("/healthz", tags=["health"])

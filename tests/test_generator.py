@@ -71,6 +71,11 @@ def test_bytes_round_trip_and_corruption_is_detected(generator):
         Adapter.from_bytes(blob[: len(blob) // 2])
     with pytest.raises(CorruptAdapterError):
         Adapter.from_bytes(b"not an adapter at all")
+    # The checksum covers the metadata too: a damaged alpha or task hash is as bad as a weight.
+    for before, after in (b'lora_alpha\\":16.0', b'lora_alpha\\":64.0'), (adapter.task_hash[:8].encode(), b"deadbeef"):
+        assert before in blob
+        with pytest.raises(CorruptAdapterError):
+            Adapter.from_bytes(blob.replace(before, after, 1))
 
 
 def test_save_peft_loads_in_peft_with_identical_tensors(generator, smollm_dir, tmp_path):
@@ -91,8 +96,12 @@ def test_save_peft_loads_in_peft_with_identical_tensors(generator, smollm_dir, t
 def test_checkpoint_round_trip_keeps_fingerprint_and_outputs(generator, tmp_path):
     generator.network.save(tmp_path / "ckpt", dtype=torch.float32)
     loaded = HyperGenerator.from_pretrained(tmp_path / "ckpt")
-    assert loaded.fingerprint == HyperNetwork.load(tmp_path / "ckpt")[1]
+    assert loaded.fingerprint == generator.fingerprint  # same weights and config, same identity
     assert loaded.generate(TASK).to_bytes() == loaded.generate(TASK).to_bytes()
+    original, again = generator.generate(TASK), loaded.generate(TASK)
+    assert again.task_hash == original.task_hash
+    for key, tensor in original.tensors.items():
+        assert torch.equal(again.tensors[key], tensor), key
     torch.testing.assert_close(
         loaded.generate(TASK).tensors[peft_key(7, "v_proj", "B")],
         generator.generate(TASK).tensors[peft_key(7, "v_proj", "B")],

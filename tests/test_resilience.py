@@ -89,7 +89,7 @@ def test_server_without_redis_uses_its_own_cache(server_env, tmp_path):
         server.stop()
 
 
-@pytest.mark.parametrize("bad", ["abc", "A" * 64, "g" * 64])
+@pytest.mark.parametrize("bad", ["abc", "A" * 64, "g" * 64, "a" * 64 + "\n", "../" + "a" * 61])
 def test_adapter_ids_are_never_paths(bad):
     from server.adapters import is_adapter_id
 

@@ -5,6 +5,7 @@ import io
 import json
 import re
 import tarfile
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -256,6 +257,46 @@ def test_an_entry_without_the_instruction_reads_as_a_miss(client, hf_replica, re
     assert json.loads(redis_client.hget(key, "meta"))["instruction"] == task["instruction"]
 
 
+def test_streaming_clients_that_leave_early_give_their_slots_back(vllm_server, client):
+    """Clients that time out while their adapter is created never read a byte of the stream;
+    their admission slots must still come back (before the fix each one leaked a slot)."""
+
+    def leave_early(_):
+        try:
+            httpx.post(f"{vllm_server.url}/generate", json={"prompt": "Hello", "task": new_task("gone"), "stream": True,
+                                                            "max_tokens": 64}, timeout=0.02)
+        except httpx.TimeoutException:
+            return True
+        return False
+
+    with ThreadPoolExecutor(16) as pool:
+        left = sum(pool.map(leave_early, range(16)))
+    assert left > 0
+    for _ in range(300):  # the server notices the disconnects on its own schedule
+        if metric(client, "hypergen_requests_in_engine") == 0 and metric(client, "hypergen_hypernetwork_runs_total") > 0:
+            break
+        time.sleep(0.1)
+    assert metric(client, "hypergen_requests_in_engine") == 0
+    assert client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_a_replica_that_releases_its_lock_without_a_result_is_not_waited_for(client, redis_client, redis_prefix, generator):
+    """Another replica holds the creation lock, then drops it without writing (its Redis write
+    failed): this one computes the adapter itself instead of waiting out the 30 s lock."""
+    from hypergen.task import Task
+
+    task = new_task("lock")
+    lock = f"{redis_prefix}lock:{generator.task_hash(Task.from_dict(task))}"
+    redis_client.set(lock, "another-replica", px=30_000)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(lambda: client.post("/adapters", json=task, timeout=15))
+        time.sleep(0.5)
+        assert not pending.done()  # it is waiting for the other replica
+        redis_client.delete(lock)
+        created = pending.result()  # well before the lock's 30 s TTL (the client gives up at 15 s)
+    assert created.status_code == 200 and created.json()["cached"] is False
+
+
 BAD_REQUESTS = [
     ("/adapters", {"instruction": "  ", "demos": []}, 422, "instruction"),
     ("/adapters", {"instruction": "x", "demos": [{"input": "a"}]}, 422, "demos.0.output"),
@@ -303,6 +344,15 @@ def test_malformed_and_oversized_bodies_and_unknown_ids(client):
     assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
     huge = client.post("/adapters", content=b'{"instruction": "' + b"x" * 2_000_000 + b'"}', headers={"content-type": "application/json"})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+
+    def chunked():  # no content-length: the bound is found while reading
+        yield b'{"instruction": "'
+        for _ in range(40):
+            yield b"x" * 50_000
+        yield b'"}'
+
+    streamed = client.post("/adapters", content=chunked(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "body_too_large"
     assert client.get("/adapters/not-a-hash").status_code == 422
     assert client.get("/adapters/" + "a" * 64 + "/weights").status_code == 404
     assert client.get("/nope").json()["error"]["code"] == "not_found"

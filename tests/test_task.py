@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from hypergen.errors import TaskError
@@ -22,7 +24,8 @@ def test_hash_is_stable_and_normalises_instruction_whitespace():
     a = task_hash(make("Say the  opposite\n word. "), "fp", SPEC)
     b = task_hash(make("Say the opposite word."), "fp", SPEC)
     assert a == b
-    assert len(a) == 64 and int(a, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{64}", a)
+    assert task_hash(make("Say the same word."), "fp", SPEC) != a
 
 
 @pytest.mark.parametrize(

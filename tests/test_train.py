@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from hypergen.adapter import TRAINING_FILE
 from hypergen.batching import make_batch
 from hypergen.train import TrainConfig, Trainer, delta_sq_distance, delta_sq_norm
 
@@ -153,7 +154,8 @@ def test_train_lora_produces_a_peft_folder(tiny_llama_dir, tmp_path):
 
     write_sni(tmp_path / "sni", {"task1": sni_task("task1")})
     config = TrainConfig(base_model=str(tiny_llama_dir), dtype="float32", warmup_steps=1, checkpoint_every=2)
-    folder = train_lora(load_sni(tmp_path / "sni", "train"), tmp_path / "lora", config, steps=3, batch_size=2)
+    folder = train_lora(load_sni(tmp_path / "sni", "train"), tmp_path / "lora", config, steps=3, batch_size=2, skip_first=2)
+    assert json.loads((folder / TRAINING_FILE).read_text())["skip_first"] == 2
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), folder)
     b = [v for k, v in model.state_dict().items() if "lora_B" in k]
     assert len(b) == 4 and any(t.abs().sum() > 0 for t in b)
@@ -166,13 +168,16 @@ def test_evaluation_writes_json_table_and_chart_and_resumes(generator, checkpoin
         "task_a": sni_task("task_a", 6),
         "task_b": sni_task("task_b", 6, "Repeat the word."),
     }, split="test")
-    generator.generate(generator_task := __import__("hypergen").Task("x")).save_peft(tmp_path / "oracle" / "task_a" / "adapter")
+    oracle = generator.generate(generator_task := __import__("hypergen").Task("x")).save_peft(tmp_path / "oracle" / "task_a" / "adapter")
     generator.generate(generator_task).save_peft(tmp_path / "multi")
     config = EvalConfig(
         sni_dir=str(sni), out_dir=str(tmp_path / "eval"), max_instances=3, max_tokens=6, checkpoint=str(checkpoint_dir),
         multitask_lora=str(tmp_path / "multi"), oracle_dir=str(tmp_path / "oracle"), engine="hf",
         methods=["base", "icl", "generated", "generated_0", "multitask_lora", "oracle_lora"],
     )
+    with pytest.raises(ValueError, match="--skip-first 3"):  # it cannot say it never saw the scored instances
+        Evaluation(config).run()
+    (oracle / TRAINING_FILE).write_text(json.dumps({"skip_first": 3}))
     result = Evaluation(config).run()
     assert set(result["methods"]) == {"base", "icl", "generated", "generated_0", "multitask_lora", "oracle_lora"}
     assert (tmp_path / "eval" / "adapters" / "task_a.k0" / "adapter_config.json").is_file()
@@ -181,8 +186,9 @@ def test_evaluation_writes_json_table_and_chart_and_resumes(generator, checkpoin
     assert set(result["tasks"]) == {"task_a", "task_b"}
     assert "oracle_lora" in result["tasks"]["task_a"] and "oracle_lora" not in result["tasks"]["task_b"]
     assert result["methods"]["oracle_lora"]["tasks"] == 1 and result["tasks"]["task_a"]["base"]["n"] == 3
-    for v in result["methods"].values():
-        assert 0 <= v["rougeL"] <= 100 and 0 <= v["exact_match"] <= 100
+    for name, v in result["methods"].items():  # a method's score is the mean of its tasks' scores
+        per_task = [scores[name]["rougeL"] for scores in result["tasks"].values() if name in scores]
+        assert v["rougeL"] == pytest.approx(sum(per_task) / len(per_task), abs=0.01)
     out = tmp_path / "eval"
     assert json.loads((out / "eval.json").read_text())["setup"]["engine"] == "hf"
     assert "| generated |" in (out / "eval.md").read_text()

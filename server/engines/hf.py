@@ -38,11 +38,13 @@ class HFEngine(Engine):
     def ready(self) -> bool:
         return self._adapters is not None
 
-    def _run(self, request: GenerationRequest, emit, queued_at: float) -> None:
+    def _run(self, request: GenerationRequest, emit, queued_at: float, cancelled: threading.Event) -> None:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         with self._lock:
+            if cancelled.is_set():  # left while queued
+                return
             queue_ms = (time.perf_counter() - queued_at) * 1000
             adapter = request.adapter
             adapter_context = self._adapters.activate(adapter.name if adapter else None, adapter.path if adapter else None)
@@ -55,6 +57,9 @@ class HFEngine(Engine):
             class Stream(StoppingCriteria):
                 def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
                     nonlocal text, reason
+                    if cancelled.is_set():  # the client went away: stop generating for nobody
+                        reason = "abort"
+                        return True
                     token = int(input_ids[0, -1])
                     if token == eos:
                         reason = "stop"
@@ -93,24 +98,34 @@ class HFEngine(Engine):
         def emit(chunk: GenerationChunk) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, chunk)
 
+        cancelled = threading.Event()
+
         def work() -> None:
             try:
-                self._run(request, emit, time.perf_counter())
+                self._run(request, emit, time.perf_counter(), cancelled)
             except BaseException as exc:  # surfaced to the awaiting request
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
 
         loop.run_in_executor(None, work)
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finished:
-                return
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            cancelled.set()  # a no-op when it finished; stops the worker when the caller left
 
     async def remove_adapter(self, name: str) -> None:
-        with self._lock:
-            self._adapters.remove(name)
+        """Waits for a running generation off the event loop (the lock is held while one runs)."""
+
+        def remove() -> None:
+            with self._lock:
+                self._adapters.remove(name)
+
+        await asyncio.to_thread(remove)
 
     async def resident_adapters(self) -> int:
         return len(self._adapters) if self._adapters is not None else 0

@@ -61,15 +61,22 @@ class VLLMEngine(Engine):
     def ready(self) -> bool:
         return self._engine is not None and not self._engine.errored
 
-    def _lora(self, request: GenerationRequest):
+    async def _lora(self, request: GenerationRequest):
         from vllm.lora.request import LoRARequest
 
         if request.adapter is None:
             return None
         name = request.adapter.name
         if name not in self._ids:
+            if len(self._ids) >= 4 * self.max_cpu_loras:
+                await self._forget_evicted()
             self._ids[name] = next(self._next_id)
         return LoRARequest(name, self._ids[name], str(request.adapter.path))
+
+    async def _forget_evicted(self) -> None:
+        """Drops the names of adapters vLLM has evicted, so the map stays bounded (ids are never reused)."""
+        resident = set(await self._engine.list_loras())
+        self._ids = {name: lora_id for name, lora_id in self._ids.items() if lora_id in resident}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         from vllm import SamplingParams
@@ -87,7 +94,8 @@ class VLLMEngine(Engine):
         completion_tokens = 0
         finished = False
         try:
-            async for out in self._engine.generate(prompt, params, request.request_id, lora_request=self._lora(request)):
+            lora = await self._lora(request)
+            async for out in self._engine.generate(prompt, params, request.request_id, lora_request=lora):
                 piece = out.outputs[0]
                 completion_tokens += len(piece.token_ids)
                 if out.finished:
