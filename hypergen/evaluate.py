@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from hypergen.adapter import TRAINING_FILE
+from hypergen.adapter import PEFT_CONFIG_FILE, TRAINING_FILE
 from hypergen.data import TaskData, load_sni
 from hypergen.peft_adapters import PeftAdapterSet
 from hypergen.prompts import first_line, prompt_ids
@@ -218,14 +218,14 @@ class Evaluation:
         k = self.config.k_demos if method == "generated" else _demo_count(method)
         if k is not None:
             folder = self.out / "adapters" / (task.name if method == "generated" else f"{task.name}.k{k}")
-            if not (folder / "adapter_config.json").is_file():
+            if not (folder / PEFT_CONFIG_FILE).is_file():
                 self.hyper.generate(task.task(demos_for(task, k, self.config.max_instances))).save_peft(folder)
             return str(folder)
         if method == "multitask_lora":
             return self.config.multitask_lora or False
         if method == "oracle_lora":
             folder = Path(self.config.oracle_dir or "") / task.name / "adapter"
-            if not (self.config.oracle_dir and (folder / "adapter_config.json").is_file()):
+            if not (self.config.oracle_dir and (folder / PEFT_CONFIG_FILE).is_file()):
                 return False
             self._check_oracle(folder)
             return str(folder)

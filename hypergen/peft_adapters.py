@@ -15,7 +15,7 @@ class PeftAdapterSet:
     def __init__(self, model: nn.Module, max_loaded: int = 64) -> None:
         self.model = model
         self.max_loaded = max_loaded
-        self._loaded: list[str] = []  # load order, oldest first
+        self._loaded: list[str] = []  # least recently used first
 
     def __len__(self) -> int:
         return len(self._loaded)
@@ -34,8 +34,11 @@ class PeftAdapterSet:
             self._loaded.append(name)
         elif name not in self._loaded:
             if len(self._loaded) >= self.max_loaded:
-                self.model.delete_adapter(self._loaded.pop(0))
+                self.model.delete_adapter(self._loaded.pop(0))  # the least recently used
             self.model.load_adapter(path, adapter_name=name)
+            self._loaded.append(name)
+        else:  # most recently used last
+            self._loaded.remove(name)
             self._loaded.append(name)
         self.model.set_adapter(name)
         return nullcontext()

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from hypergen.base_model import load_model, load_tokenizer
 from hypergen.batching import LMBatch, length_buckets, lm_loss, make_batch
-from hypergen.adapter import Adapter
+from hypergen.adapter import PEFT_CONFIG_FILE, Adapter
 from hypergen.data import TaskData, load_jsonl_tasks, load_sni
 from hypergen.generator import HyperGenerator
 from hypergen.hypernet import HyperNetwork
@@ -444,8 +444,8 @@ def load_lora_library(folder: str | None, tasks: dict[str, TaskData]) -> dict[st
         raise ValueError("the 'reconstruct' stage needs lora_library")
     library = {}
     for sub in sorted(Path(folder).iterdir()):
-        peft_dir = sub / "adapter" if (sub / "adapter" / "adapter_config.json").is_file() else sub  # train-lora's layout too
-        if sub.name not in tasks or not (peft_dir / "adapter_config.json").is_file():
+        peft_dir = sub / "adapter" if (sub / "adapter" / PEFT_CONFIG_FILE).is_file() else sub  # train-lora's layout too
+        if sub.name not in tasks or not (peft_dir / PEFT_CONFIG_FILE).is_file():
             continue
         library[sub.name] = (tasks[sub.name].task(), Adapter.load_peft(peft_dir).stacked())
     if not library:

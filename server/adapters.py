@@ -138,6 +138,10 @@ class AdapterService:
         self.memory.put(adapter_id, entry)
         return AdapterRecord(adapter_id, entry.blob, entry.meta, "redis")
 
+    def held_ids(self) -> list[str]:
+        """Adapters this replica holds in memory, least recently used first (for /v1/models)."""
+        return self.memory.keys()
+
     # --- get or create ------------------------------------------------------
 
     async def get_or_create(self, task: Task) -> AdapterRecord:

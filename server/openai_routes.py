@@ -83,6 +83,6 @@ async def _chat_chunks(gen: GenerationService, prepared: Prepared, rid: str, cre
 async def models(state: ServerState = Depends(get_state)) -> ModelList:
     """The base model, then the adapters this replica holds in memory (most recent last)."""
     cards = [ModelCard(id=state.base_name, created=state.started_at)]
-    for adapter_id in state.adapters.memory.keys():
+    for adapter_id in state.adapters.held_ids():
         cards.append(ModelCard(id=adapter_id, created=state.started_at))
     return ModelList(data=cards)

@@ -54,6 +54,8 @@ def test_sentiment_inputs_get_the_demos_labels(shipped):
     assert sum(a == want for a, want in zip(got, REVIEWS.values())) >= 5, got
     base = answers(shipped, SENTIMENT, list(REVIEWS), use_adapter=False)  # same prompt, no adapter
     assert sum(a in ("positive", "negative") for a in base) < len(REVIEWS), base
+    correct = sum(a == want for a, want in zip(got, REVIEWS.values()))
+    assert correct > sum(a.lower() == want for a, want in zip(base, REVIEWS.values())), (got, base)  # it helps
 
 
 def test_antonyms(shipped):

@@ -1,4 +1,5 @@
 """Training and evaluation on a tiny random Llama and self-written tasks (no shared data)."""
+import dataclasses
 import json
 import random
 
@@ -227,6 +228,19 @@ def test_evaluation_reports_label_adherence_for_label_set_tasks(tmp_path, checkp
     expected = 100 * sum(normalize(r["prediction"]) in ("yes", "no") for r in rows) / len(rows)
     assert result["methods"]["base"]["label_adherence"] == pytest.approx(expected)
     assert "label adherence" in (tmp_path / "eval" / "eval.md").read_text()
+
+
+def test_a_method_skipped_for_lack_of_input_runs_when_a_later_run_supplies_it(tmp_path, generator, checkpoint_dir):
+    from hypergen.evaluate import EvalConfig, Evaluation
+
+    sni = write_sni(tmp_path / "sni", {"task_a": sni_task("task_a", 4)}, split="test")
+    config = EvalConfig(sni_dir=str(sni), out_dir=str(tmp_path / "eval"), methods=["base", "multitask_lora"], max_instances=2,
+                        max_tokens=2, engine="hf", checkpoint=str(checkpoint_dir))
+    first = Evaluation(config).run()  # no --multitask-lora: the method has nothing to run
+    assert "multitask_lora" not in first["tasks"]["task_a"]
+    generator.generate(__import__("hypergen").Task("x")).save_peft(tmp_path / "multi")
+    second = Evaluation(dataclasses.replace(config, multitask_lora=str(tmp_path / "multi"))).run()
+    assert second["tasks"]["task_a"]["multitask_lora"]["n"] == 2
 
 
 def test_metrics():
