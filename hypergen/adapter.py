@@ -176,7 +176,7 @@ def _digest(info: dict[str, Any], blob: bytes) -> str:
 def _with_metadata(blob: bytes, metadata: dict[str, str]) -> bytes:
     """The same safetensors blob with ``metadata`` in its header (padded to 8 bytes, as the format wants)."""
     (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + n])
+    header = _read_header(blob)
     header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

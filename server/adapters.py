@@ -219,12 +219,11 @@ class AdapterService:
         A folder in use has its time refreshed, so pruning removes the least recently used.
         """
         path = self.adapter_dir / record.adapter_id
-        if (path / PEFT_WEIGHTS_FILE).is_file():
-            try:
-                os.utime(path)
-            except FileNotFoundError:  # pruned or deleted just now: write it again
-                await asyncio.to_thread(self._write_folder, record, path)
-        else:
+        try:
+            if not (path / PEFT_WEIGHTS_FILE).is_file():
+                raise FileNotFoundError(path)
+            os.utime(path)
+        except FileNotFoundError:  # never written, or pruned / deleted just now
             await asyncio.to_thread(self._write_folder, record, path)
         return LoadedAdapter(record.adapter_id, path)
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends
 
 from server.generation import GenerationService, Prepared, Target
 from server.routes import WITH_BODY, errors, sse
-from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAISampling, openai_usage
+from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAISampling, usage
 from server.state import ServerState, get_state, require_api_key
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
@@ -40,7 +40,7 @@ async def completions(body: CompletionRequest, state: ServerState = Depends(get_
     return {
         "id": rid, "object": "text_completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": openai_usage(prepared.prompt_tokens, result.completion_tokens),
+        "usage": usage(prepared.prompt_tokens, result.completion_tokens).model_dump(),
     }
 
 
@@ -49,7 +49,7 @@ async def _completion_chunks(gen: GenerationService, prepared: Prepared, rid: st
         choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason if chunk.finished else None, "logprobs": None}
         event = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
         if chunk.finished:
-            event["usage"] = openai_usage(prepared.prompt_tokens, chunk.completion_tokens)
+            event["usage"] = usage(prepared.prompt_tokens, chunk.completion_tokens).model_dump()
         yield event
 
 
@@ -64,7 +64,7 @@ async def chat_completions(body: ChatCompletionRequest, state: ServerState = Dep
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason}],
-        "usage": openai_usage(prepared.prompt_tokens, result.completion_tokens),
+        "usage": usage(prepared.prompt_tokens, result.completion_tokens).model_dump(),
     }
 
 
@@ -75,7 +75,7 @@ async def _chat_chunks(gen: GenerationService, prepared: Prepared, rid: str, cre
         delta = {"content": chunk.text} if chunk.text else {}
         event = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": chunk.finish_reason if chunk.finished else None}]}
         if chunk.finished:
-            event["usage"] = openai_usage(prepared.prompt_tokens, chunk.completion_tokens)
+            event["usage"] = usage(prepared.prompt_tokens, chunk.completion_tokens).model_dump()
         yield event
 
 

@@ -16,7 +16,7 @@ from server.adapters import AdapterRecord, AdapterService
 from server.errors import ApiError
 from server.generation import GenerationService, Prepared, Result, Slot, Target, task_from
 from server.schemas import (
-    AdapterOut, AdapterRequest, ErrorBody, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest, InputResult, Usage,
+    AdapterOut, AdapterRequest, ErrorBody, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest, InputResult, usage,
 )
 from server.state import ServerState, get_state, require_api_key
 
@@ -118,10 +118,6 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
         usage=usage(prepared.prompt_tokens, result.completion_tokens),
         timings={"adapter_ms": round(target.adapter_ms, 2), "queue_ms": round(result.queue_ms, 2), "generate_ms": round(result.generate_ms, 2)},
     )
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
 async def generate_many(gen: GenerationService, target: Target, body: GenerateRequest) -> GenerateManyOut:
