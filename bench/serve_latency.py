@@ -23,7 +23,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from tasks import synthetic_task  # noqa: E402
 
-from server.launcher import ServerProcess  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from launcher import ServerProcess  # noqa: E402  (the test suite's server harness)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -44,6 +45,16 @@ def ttft(client: httpx.Client, body: dict) -> float:
     raise RuntimeError("no token came back")
 
 
+def create(client: httpx.Client, task, cached: bool, client_ms: list[float], server_ms_: list[float]) -> dict:  # noqa: ANN001
+    """POST /adapters once, recording client- and server-side milliseconds; checks the cache tier."""
+    start = time.perf_counter()
+    r = client.post("/adapters", json=task.to_dict())
+    client_ms.append((time.perf_counter() - start) * 1000)
+    server_ms_.append(server_ms(r))
+    assert r.json()["cached"] is cached
+    return r.json()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url")
@@ -61,19 +72,10 @@ def main() -> None:
             tasks = [synthetic_task(offset + i) for i in range(args.n)]
             miss_srv, miss_cli, hit_srv, hit_cli, ids = [], [], [], [], []
             for task, _ in tasks:
-                start = time.perf_counter()
-                r = client.post("/adapters", json=task.to_dict())
-                miss_cli.append((time.perf_counter() - start) * 1000)
-                miss_srv.append(server_ms(r))
-                assert r.json()["cached"] is False
-                ids.append(r.json()["adapter_id"])
+                ids.append(create(client, task, False, miss_cli, miss_srv)["adapter_id"])
             for _ in range(3):
                 for task, _ in tasks:
-                    start = time.perf_counter()
-                    r = client.post("/adapters", json=task.to_dict())
-                    hit_cli.append((time.perf_counter() - start) * 1000)
-                    hit_srv.append(server_ms(r))
-                    assert r.json()["cached"] is True
+                    create(client, task, True, hit_cli, hit_srv)
 
             prompt = lambda word: {"messages": [{"role": "user", "content": word}]}  # noqa: E731
             new = [ttft(client, {**prompt(w), "task": t.to_dict()}) for t, w in (synthetic_task(offset + 10_000 + i) for i in range(args.n // 2))]

@@ -27,7 +27,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from tasks import synthetic_task  # noqa: E402
 
-from server.launcher import ServerProcess  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from launcher import ServerProcess  # noqa: E402  (the test suite's server harness)
 
 
 def icl_prompt(task, word: str) -> str:

@@ -19,19 +19,18 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 
 from hypergen.errors import CorruptAdapterError
+from hypergen.spec import module_block
 from hypergen.task import canonical_json
 
 BLOB_FORMAT = "hypergen-adapter/2"  # /2: the checksum covers the metadata too
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 TRAINING_FILE = "hypergen_training.json"  # beside a trained LoRA's PEFT files: which tasks and instances it saw
-_MLP_MODULES = {"gate_proj", "up_proj", "down_proj"}
 
 
 def peft_key(layer: int, module: str, which: str) -> str:
     """PEFT's state-dict name for one LoRA matrix of a Llama-style decoder (which = 'A' or 'B')."""
-    block = "mlp" if module in _MLP_MODULES else "self_attn"
-    return f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{which}.weight"
+    return f"base_model.model.model.layers.{layer}.{module_block(module)}.{module}.lora_{which}.weight"
 
 
 @dataclass
@@ -47,21 +46,16 @@ class Adapter:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def peft_config(self) -> dict[str, Any]:
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": self.base_model,
-            "r": self.rank,
-            "lora_alpha": self.alpha,
-            "target_modules": list(self.target_modules),
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "inference_mode": True,
-            "modules_to_save": None,
-            "use_rslora": False,
-            "use_dora": False,
-        }
+        """PEFT's own LoraConfig, as the JSON its ``save_pretrained`` writes (what PEFT and vLLM read)."""
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules), lora_dropout=0.0, bias="none",
+            task_type="CAUSAL_LM", base_model_name_or_path=self.base_model, inference_mode=True,
+        ).to_dict()
+        config.pop("runtime_config", None)  # not saved by PEFT either
+        config["target_modules"] = list(self.target_modules)  # PEFT holds a set; keep the given order
+        return json.loads(json.dumps(config, default=_json_default))
 
     @property
     def num_params(self) -> int:
@@ -111,7 +105,7 @@ class Adapter:
             "meta": self.meta,
         }
         info["sha256"] = _digest(info, body)
-        return _with_metadata(body, {"hypergen": canonical_json(info)})
+        return _with_metadata(body, {"format": "pt", "hypergen": canonical_json(info)})
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "Adapter":
@@ -134,6 +128,20 @@ class Adapter:
 
     def _contiguous(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+
+
+def save_peft_blob(blob: bytes, directory: str | Path) -> Path:
+    """Writes a ``to_bytes`` blob as a PEFT folder without touching its tensors.
+
+    The blob is itself a safetensors file (its extra metadata is ignored by PEFT and vLLM), so
+    a cache miss serialises the tensors once, in ``to_bytes``, and never again.
+    """
+    info = verify_blob(blob)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / PEFT_WEIGHTS_FILE).write_bytes(blob)
+    (directory / PEFT_CONFIG_FILE).write_text(json.dumps(info["peft_config"], indent=2) + "\n")
+    return directory
 
 
 def verify_blob(blob: bytes) -> dict[str, Any]:
@@ -181,3 +189,10 @@ def _with_metadata(blob: bytes, metadata: dict[str, str]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw + blob[8 + n :]
+
+
+def _json_default(value: Any) -> Any:
+    """Sets become sorted lists, as in PEFT's own saved configs."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")

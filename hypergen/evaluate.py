@@ -29,13 +29,13 @@ import re
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
 from hypergen.adapter import PEFT_CONFIG_FILE, TRAINING_FILE
 from hypergen.data import TaskData, load_sni
-from hypergen.peft_adapters import PeftAdapterSet
+from hypergen.engines import OfflineEngine, create_engine, installed_engine
 from hypergen.prompts import first_line, prompt_ids
 from hypergen.task import Demo
 
@@ -61,7 +61,7 @@ class EvalConfig:
     base_model: str | None = None
     multitask_lora: str | None = None
     oracle_dir: str | None = None
-    engine: str = "auto"  # auto: vLLM when installed, else transformers
+    engine: str = "auto"  # auto: vLLM when installed, else transformers; built like the server's (HYPERGEN_* settings)
 
 
 # --- metrics -------------------------------------------------------------------
@@ -100,72 +100,6 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
     return max(_SCORER.score(r, prediction)["rougeL"].fmeasure for r in references)
 
 
-# --- engines -------------------------------------------------------------------
-
-
-class Generator:
-    """Greedy generation of many (prompt ids, adapter folder or None) requests."""
-
-    def __init__(self, model_path: str, engine: str, rank: int, max_tokens: int) -> None:
-        self.max_tokens = max_tokens
-        if engine == "auto":
-            try:
-                import vllm  # noqa: F401
-
-                engine = "vllm"
-            except ImportError:
-                engine = "hf"
-        self.engine = engine
-        self.model_path = model_path
-        self.rank = rank
-        self._llm = None
-        self._hf = None
-        self._ids: dict[str, int] = {}
-
-    def __call__(self, requests: list[tuple[list[int], str | None]]) -> list[str]:
-        return self._vllm(requests) if self.engine == "vllm" else self._transformers(requests)
-
-    def _vllm(self, requests):
-        from vllm import LLM, SamplingParams
-        from vllm.lora.request import LoRARequest
-
-        if self._llm is None:
-            import torch
-
-            if not torch.cuda.is_available():  # else vLLM's CPU backend reserves most of the machine's memory
-                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-            self._llm = LLM(model=self.model_path, enable_lora=True, max_loras=8, max_lora_rank=max(8, self.rank),
-                            max_cpu_loras=64, enforce_eager=True, max_model_len=2048, seed=0)
-        loras = []
-        for _, path in requests:
-            if path is None:
-                loras.append(None)
-                continue
-            self._ids.setdefault(path, len(self._ids) + 1)
-            loras.append(LoRARequest(f"a{self._ids[path]}", self._ids[path], path))
-        params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
-        outs = self._llm.generate([{"prompt_token_ids": ids} for ids, _ in requests], params, lora_request=loras, use_tqdm=False)
-        return [o.outputs[0].text for o in outs]
-
-    def _transformers(self, requests):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if self._hf is None:
-            tok = AutoTokenizer.from_pretrained(self.model_path)
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.bfloat16).eval()
-            self._hf = (PeftAdapterSet(model, max_loaded=1024), tok)
-        adapters, tok = self._hf
-        texts = []
-        for ids, path in requests:
-            name = None if path is None else f"a{self._ids.setdefault(path, len(self._ids) + 1)}"
-            with torch.inference_mode(), adapters.activate(name, path):
-                out = adapters.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                              max_new_tokens=self.max_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-            texts.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
-        return texts
-
-
 # --- harness -------------------------------------------------------------------
 
 
@@ -178,6 +112,7 @@ class Evaluation:
     def __init__(self, config: EvalConfig) -> None:
         from hypergen.base_model import load_tokenizer, resolve_base_model
         from hypergen.generator import HyperGenerator
+        from hypergen.settings import Settings  # the server's settings: one way to size an engine
 
         self.config = config
         self.out = Path(config.out_dir)
@@ -189,7 +124,8 @@ class Evaluation:
         self.base = base
         self.tokenizer = load_tokenizer(base)
         rank = self.hyper.spec.rank if self.hyper else 8
-        self.generate = Generator(resolve_base_model(base), config.engine, rank, config.max_tokens)
+        self.engine_kind = installed_engine() if config.engine == "auto" else config.engine
+        self._engine_settings = (Settings(engine=self.engine_kind), resolve_base_model(base), rank)
         self._check_resume()
 
     def _check_resume(self) -> None:
@@ -198,7 +134,7 @@ class Evaluation:
         setup = {k: getattr(self.config, k) for k in keys}
         setup["hypernetwork"] = self.hyper.fingerprint if self.hyper else None
         setup["base_model"] = self.base
-        setup["engine"] = self.generate.engine
+        setup["engine"] = self.engine_kind
         path = self.out / "eval_setup.json"
         if path.is_file():
             saved = json.loads(path.read_text())
@@ -241,35 +177,53 @@ class Evaluation:
                              f"train it with --skip-first {self.config.max_instances}")
 
     def run(self) -> dict[str, Any]:
+        """Runs what is not saved yet (the engine starts only then), then writes the report."""
+        engine: OfflineEngine | None = None
+        try:
+            for method, chunk in self._pending_chunks():
+                if engine is None:
+                    engine = OfflineEngine(create_engine(*self._engine_settings))
+                self._run_chunk(engine, method, chunk)
+        finally:
+            if engine is not None:
+                engine.close()
+        return self.report()
+
+    def _pending_chunks(self) -> Iterator[tuple[str, list[TaskData]]]:
+        """(method, up to 8 tasks) not yet saved, with a progress bar over all (method, task) units."""
         units = [(m, t) for m in self.config.methods for t in self.tasks if not self._partial(m, t.name).is_file()]
-        with tqdm(total=len(self.config.methods) * len(self.tasks), initial=len(self.config.methods) * len(self.tasks) - len(units), desc="eval", unit="task") as bar:
+        total = len(self.config.methods) * len(self.tasks)
+        with tqdm(total=total, initial=total - len(units), desc="eval", unit="task") as bar:
             for method in self.config.methods:
                 pending = [t for m, t in units if m == method]
-                for start in range(0, len(pending), 8):  # a chunk of tasks per engine call, results saved per task
+                for start in range(0, len(pending), 8):
                     chunk = pending[start : start + 8]
-                    requests, owners = [], []
-                    for task in chunk:
-                        adapter = self._adapter_for(method, task)
-                        if adapter is False:  # not saved: a later run that supplies the input runs it
-                            continue
-                        demos = demos_for(task, self.config.k_demos, self.config.max_instances) if method == "icl" else ()
-                        for inst in task.instances[: self.config.max_instances]:
-                            requests.append((prompt_ids(self.tokenizer, task.instruction, inst.input, demos), adapter))
-                            owners.append((task, inst))
-                    texts = self.generate(requests) if requests else []
-                    per_task: dict[str, list[dict[str, Any]]] = {}
-                    for (task, inst), text in zip(owners, texts):
-                        answer = first_line(text)
-                        per_task.setdefault(task.name, []).append({
-                            "input": inst.input, "references": list(inst.outputs), "prediction": answer,
-                            "rougeL": 100 * rouge_l(answer, inst.outputs), "exact_match": 100 * exact_match(answer, inst.outputs),
-                        })
-                    for task in chunk:
-                        if task.name in per_task:
-                            self._save(method, task, per_task[task.name])
+                    yield method, chunk
                     bar.set_postfix(method=method)
                     bar.update(len(chunk))
-        return self.report()
+
+    def _run_chunk(self, engine: OfflineEngine, method: str, chunk: list[TaskData]) -> None:
+        """One engine call for a chunk of tasks; results saved per task."""
+        requests, owners = [], []
+        for task in chunk:
+            adapter = self._adapter_for(method, task)
+            if adapter is False:  # not saved: a later run that supplies the input runs it
+                continue
+            demos = demos_for(task, self.config.k_demos, self.config.max_instances) if method == "icl" else ()
+            for inst in task.instances[: self.config.max_instances]:
+                requests.append((prompt_ids(self.tokenizer, task.instruction, inst.input, demos), adapter))
+                owners.append((task, inst))
+        texts = engine.greedy(requests, self.config.max_tokens) if requests else []
+        per_task: dict[str, list[dict[str, Any]]] = {}
+        for (task, inst), text in zip(owners, texts):
+            answer = first_line(text)
+            per_task.setdefault(task.name, []).append({
+                "input": inst.input, "references": list(inst.outputs), "prediction": answer,
+                "rougeL": 100 * rouge_l(answer, inst.outputs), "exact_match": 100 * exact_match(answer, inst.outputs),
+            })
+        for task in chunk:
+            if task.name in per_task:
+                self._save(method, task, per_task[task.name])
 
     def _save(self, method: str, task: TaskData, rows: list[dict[str, Any]]) -> None:
         """One task's predictions and scores, written atomically (a killed run leaves no half file)."""
@@ -308,7 +262,7 @@ class Evaluation:
             "setup": {
                 **{k: v for k, v in asdict(self.config).items() if k not in ("out_dir",)},
                 "base_model": self.base,
-                "engine": self.generate.engine,
+                "engine": self.engine_kind,
                 "hypernetwork": self.hyper.fingerprint if self.hyper else None,
                 "n_tasks": len(tasks),
                 "decoding": f"greedy, {self.config.max_tokens} tokens, first line of the answer",

@@ -20,6 +20,14 @@ a head's output by about lr x its width whatever the gradient's size, and unscal
 larger than the entries of a trained LoRA (|A| ~ 0.02, |B| ~ 0.01 for the multi-task one),
 so the first steps would overwrite the shared start (measured: a correction norm twice the
 multi-task LoRA's own after 30 steps, with unscaled A and B x 0.02).
+
+Centred correction (``centered``): the correction is heads(h(task)) - heads(h(mean task)),
+with the mean task vector kept as a running average while training (a buffer, saved with
+the weights). Without it the heads learn mostly a task-independent offset: in the first
+shipped checkpoint the correction was a quarter of the shared LoRA's norm, yet two tasks'
+corrections differed by under 1% of it, because the common part of the gradient (shared by
+every task in a batch) dominates each Adam step. Centred, the common part can only go to the
+shared LoRA, and every head step is spent on what differs between tasks.
 """
 from __future__ import annotations
 
@@ -62,6 +70,7 @@ class HyperNetConfig:
     b_scale: float = 0.004
     n_features: int = N_FEATURES
     demo_encoding: str = "pairs"  # task_items.DemoEncoding
+    centered: bool = False  # correction relative to the running mean task (see the module docstring)
     format_version: int = FORMAT_VERSION
     training: dict[str, Any] = field(default_factory=dict)  # provenance written by the trainer
 
@@ -170,6 +179,9 @@ class HyperNetwork(nn.Module):
             self.b_heads[m] = nn.Linear(h, out * r)
             self.shared_a[m] = nn.Parameter(torch.empty(spec.num_layers, r, fan_in))
             self.shared_b[m] = nn.Parameter(torch.zeros(spec.num_layers, out, r))
+        if config.centered:
+            self.register_buffer("task_mean", torch.zeros(d))
+            self.register_buffer("task_mean_count", torch.zeros(()))
         self.reset_heads()
 
     @torch.no_grad()
@@ -179,8 +191,9 @@ class HyperNetwork(nn.Module):
             for head in (self.a_heads[m], self.b_heads[m]):
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
-            self.shared_a[m].copy_(peft_lora_a_init(self.shared_a[m].shape))
-            self.shared_b[m].zero_()
+        for m, (a, b) in noop_lora(self.spec).items():
+            self.shared_a[m].copy_(a)
+            self.shared_b[m].copy_(b)
 
     @torch.no_grad()
     def load_shared_lora(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -208,23 +221,37 @@ class HyperNetwork(nn.Module):
     def task_vectors(self, items: torch.Tensor, kinds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.pool(items, kinds, mask)
 
+    @torch.no_grad()
+    def _track_mean(self, task: torch.Tensor) -> None:
+        """Running mean of training task vectors: exact over the first 100 batches, then EMA 0.01."""
+        count = float(self.task_mean_count) + 1
+        self.task_mean.lerp_(task.detach().mean(0).to(self.task_mean.dtype), max(0.01, 1.0 / count))
+        self.task_mean_count.fill_(count)
+
     def forward(
         self, items: torch.Tensor, kinds: torch.Tensor, mask: torch.Tensor
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Returns {module: (A [T, L, r, in], B [T, L, out, r])} for T tasks and all L layers."""
         task = self.task_vectors(items, kinds, mask)  # [T, d]
         n_tasks, n_layers = task.shape[0], self.spec.num_layers
-        layers = self.layer_emb.weight.unsqueeze(0).expand(n_tasks, -1, -1)  # [T, L, d]
+        if self.config.centered:
+            if self.training and torch.is_grad_enabled():  # a training step, not a generate() mid-training
+                self._track_mean(task)
+            task = torch.cat([task, self.task_mean.to(task.dtype).unsqueeze(0)])  # last row: the reference
+        rows = task.shape[0]
+        layers = self.layer_emb.weight.unsqueeze(0).expand(rows, -1, -1)  # [T, L, d]
         task_l = task.unsqueeze(1).expand(-1, n_layers, -1)
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for j, m in enumerate(self.spec.target_modules):
-            module = self.module_emb.weight[j].expand(n_tasks, n_layers, -1)
+            module = self.module_emb.weight[j].expand(rows, n_layers, -1)
             hidden = self.out_norm(self.blocks(self.mix(torch.cat([task_l, layers, module], dim=-1))))
             r, fan_in = self.spec.a_shape(m)
             fan_out = self.spec.b_shape(m)[0]
-            a = self.shared_a[m] + (self.a_heads[m](hidden) * self.config.a_scale).view(n_tasks, n_layers, r, fan_in)
-            b = self.shared_b[m] + (self.b_heads[m](hidden) * self.config.b_scale).view(n_tasks, n_layers, fan_out, r)
-            out[m] = (a, b)
+            da = (self.a_heads[m](hidden) * self.config.a_scale).view(rows, n_layers, r, fan_in)
+            db = (self.b_heads[m](hidden) * self.config.b_scale).view(rows, n_layers, fan_out, r)
+            if self.config.centered:
+                da, db = da[:-1] - da[-1:], db[:-1] - db[-1:]
+            out[m] = (self.shared_a[m] + da, self.shared_b[m] + db)
         return out
 
     # --- checkpoint folder ---------------------------------------------------
@@ -264,10 +291,16 @@ class HyperNetwork(nn.Module):
         return net.to(device).eval(), _fingerprint(config, w_path.read_bytes())
 
 
-def peft_lora_a_init(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
-    """lora_A as PEFT draws it (kaiming_uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in)))."""
-    bound = 1.0 / math.sqrt(shape[-1])
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+def noop_lora(spec: LoraSpec, generator: torch.Generator | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (A [L, r, in], B [L, out, r])} as PEFT starts a LoRA: A kaiming-uniform with
+    a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), B zero; so it changes nothing until trained."""
+    out = {}
+    for m in spec.target_modules:
+        r, fan_in = spec.a_shape(m)
+        bound = 1.0 / math.sqrt(fan_in)
+        a = (torch.rand((spec.num_layers, r, fan_in), generator=generator) * 2 - 1) * bound
+        out[m] = (a, torch.zeros(spec.num_layers, spec.b_shape(m)[0], r))
+    return out
 
 
 def _config_digest(config: HyperNetConfig) -> bytes:

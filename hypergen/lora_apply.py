@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from hypergen.spec import LoraSpec
+from hypergen.spec import LoraSpec, module_block
 
 
 def target_linears(model: nn.Module, spec: LoraSpec) -> dict[tuple[int, str], nn.Linear]:
@@ -21,8 +21,7 @@ def target_linears(model: nn.Module, spec: LoraSpec) -> dict[tuple[int, str], nn
     found = {}
     for i, layer in enumerate(layers):
         for module in spec.target_modules:
-            parent = layer.mlp if module in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
-            found[(i, module)] = getattr(parent, module)
+            found[(i, module)] = getattr(getattr(layer, module_block(module)), module)
     return found
 
 

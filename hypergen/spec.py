@@ -11,13 +11,20 @@ from typing import Any
 
 from hypergen.errors import SpecError
 
-# Llama-style projections, the names PEFT and vLLM use for them.
-LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Llama-style projections, the names PEFT and vLLM use for them, and the block each sits in.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LLAMA_MODULES = ATTENTION_MODULES + MLP_MODULES
 # Ranks vLLM's LoRA kernels accept (max_lora_rank must be one of these).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 DEFAULT_RANK = 8
 DEFAULT_ALPHA = 16.0
+
+
+def module_block(module: str) -> str:
+    """The attribute of a decoder layer that holds ``module``: 'self_attn' or 'mlp'."""
+    return "mlp" if module in MLP_MODULES else "self_attn"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -51,7 +50,6 @@ from typing import Any, Literal
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from hypergen.base_model import load_model, load_tokenizer
 from hypergen.batching import LMBatch, length_buckets, lm_loss, make_batch
@@ -62,10 +60,12 @@ from hypergen.hypernet import HyperNetwork
 from hypergen.lora_apply import lora_applied
 from hypergen.prompts import prompt_ids, target_ids
 from hypergen.settings import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
+from hypergen.spec import DEFAULT_ALPHA, DEFAULT_RANK, DEFAULT_TARGET_MODULES
 from hypergen.synthetic import paraphrase, synthetic_tasks
 from hypergen.task import Demo, Task
 from hypergen.task_items import DemoEncoding, encode_tasks
-from hypergen.train_state import has_state, load_optimizer, save_optimizer, swap_in
+from hypergen.train_state import swap_in
+from hypergen.training_loop import Schedule, TrainingLoop
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,13 @@ class TrainConfig(BaseModel):
     run_dir: str = "runs/hypernet"
     base_model: str = DEFAULT_BASE_MODEL
     encoder: str = DEFAULT_ENCODER
-    target_modules: list[str] = ["q_proj", "v_proj"]
-    rank: int = 8
-    alpha: float = 16.0
-    d_model: int = 256
-    d_hidden: int = 512
-    n_blocks: int = 2
+    target_modules: list[str] = list(DEFAULT_TARGET_MODULES)
+    rank: int = DEFAULT_RANK
+    alpha: float = DEFAULT_ALPHA
+    d_model: int | None = Field(default=None, description="network widths and depth; unset: HyperNetConfig's defaults")
+    d_hidden: int | None = None
+    n_blocks: int | None = None
+    centered: bool = Field(default=False, description="correction relative to the running mean task (hypernet.py)")
     demo_encoding: DemoEncoding = Field(default="pairs", description="task items layout (task_items.py); 'joined' is the first one, for ablations")
     init_checkpoint: str | None = Field(default=None, description="start from this checkpoint's weights")
     init_lora: str | None = Field(default=None, description="PEFT folder of a trained LoRA (e.g. the multi-task one) to start the shared part from")
@@ -141,13 +142,15 @@ class TrainConfig(BaseModel):
         counts = {"pretrain": self.pretrain_steps, "reconstruct": self.reconstruct_steps, "mtf": self.steps}
         return [(s, counts[s]) for s in self.stages if counts[s] > 0]
 
+    def schedule(self, total: int, lr: float | None = None) -> Schedule:
+        return Schedule(self.lr if lr is None else lr, total, self.warmup_steps, self.min_lr_ratio)
 
-def lr_at(config: TrainConfig, step: int, total: int) -> float:
-    """Linear warm-up, then cosine down to min_lr_ratio * lr."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    def loop(self, params, run_dir: str | Path, total: int, lr: float | None = None, desc: str = "train") -> TrainingLoop:
+        """The training loop with this config's schedule, optimiser and state settings."""
+        return TrainingLoop(
+            params, self.schedule(total, lr), Path(run_dir), seed=self.seed, grad_clip=self.grad_clip,
+            weight_decay=self.weight_decay, checkpoint_every=self.checkpoint_every, rewarm_steps=self.rewarm_steps, desc=desc,
+        )
 
 
 def delta_sq_norm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -187,10 +190,10 @@ class Trainer:
             self.generator = HyperGenerator.from_pretrained(config.init_checkpoint, base_model=config.base_model)
         else:
             spec = {"target_modules": tuple(config.target_modules), "rank": config.rank, "alpha": config.alpha}
+            sizes = {k: getattr(config, k) for k in ("d_model", "d_hidden", "n_blocks") if getattr(config, k) is not None}
             self.generator = HyperGenerator.untrained(
                 config.base_model, spec, config.encoder, seed=config.seed,
-                d_model=config.d_model, d_hidden=config.d_hidden, n_blocks=config.n_blocks,
-                demo_encoding=config.demo_encoding,
+                demo_encoding=config.demo_encoding, centered=config.centered, **sizes,
             )
             if config.init_lora:
                 self.generator.network.load_shared_lora(Adapter.load_peft(config.init_lora).stacked())
@@ -200,9 +203,7 @@ class Trainer:
         self.tasks = load_training_tasks(config)
         self._prompts = self._tokenize_prompts()
         self._buckets = self._length_buckets()
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.step = 0
-        self.rewarm_from: int | None = None  # set when resumed from bf16 weights alone
+        self.loop = config.loop(self.net.parameters(), self.run_dir, sum(n for _, n in config.stage_plan()))
         self._library: dict[str, Any] | None = None
         self._texts: list[str] | None = None
 
@@ -337,62 +338,47 @@ class Trainer:
             step -= count
         return "mtf"
 
-    def train_step(self) -> dict[str, float]:
-        rng = random.Random(f"{self.config.seed}:{self.step}")
-        total = sum(n for _, n in self.config.stage_plan())
-        lr = lr_at(self.config, self.step, total)
-        if self.rewarm_from is not None:
-            lr *= min(1.0, (self.step - self.rewarm_from + 1) / max(1, self.config.rewarm_steps))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.loop.optimizer
+
+    @property
+    def rewarm_from(self) -> int | None:
+        return self.loop.rewarm_from
+
+    def loss(self, rng: random.Random) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of the step the loop is at, for the stage that step belongs to."""
         stage = self.stage_at(self.step)
-        start = time.perf_counter()
         if stage == "reconstruct":
             loss, logs = self.reconstruct_loss(rng)
         else:
             sample = self.sample_pretrain(rng) if stage == "pretrain" else self.sample_mtf(rng)
             loss, logs = self.supervised_loss(*sample, rng)
-        self.optimizer.zero_grad(set_to_none=True)
-        t_backward = time.perf_counter()
-        loss.backward()
-        t_optim = time.perf_counter()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.step += 1
-        seconds = time.perf_counter() - start
-        timing = {"t_backward": round(t_optim - t_backward, 3), "t_optim": round(time.perf_counter() - t_optim, 3),
-                  "seconds": round(seconds, 3)}
-        if "rows" in logs:
-            timing["rows_per_s"] = round(logs["rows"] / seconds, 3)
-        return {"step": self.step, "stage": stage, "loss": loss.item(), **logs, "lr": lr, "grad_norm": float(grad_norm), **timing}
+        return loss, {"stage": stage, **logs}
+
+    def train_step(self) -> dict[str, Any]:
+        return self.loop.train_step(self.loss)
 
     def train(self, max_steps: int | None = None) -> Path:
         """Runs (or resumes) to the end of the plan; returns the exported checkpoint folder."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
         self.load_state()
-        total = sum(n for _, n in self.config.stage_plan())
+        total = self.loop.schedule.total
         end = min(total, self.step + max_steps) if max_steps else total
-        with open(self.run_dir / "log.jsonl", "a") as log_file, tqdm(total=total, initial=self.step, desc="train", unit="step") as bar:
-            while self.step < end:
-                record = self.train_step()
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", stage=record["stage"])
-                bar.update(1)
-                if self.step % self.config.checkpoint_every == 0 or self.step == end:
-                    self.save_state()
+        self.loop.run(self.loss, end, self.save_state)
         return self.export() if self.step >= total else self.run_dir / "state"
 
     # --- state ----------------------------------------------------------------
 
     def save_state(self) -> None:
-        """Hypernetwork + optimizer in safetensors, step and hyper-parameters in JSON (no pickle)."""
-        tmp = self.run_dir / "state.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.net.save(tmp, dtype=torch.float32)
-        save_optimizer(self.optimizer, tmp, self.step)
-        swap_in(tmp, self.run_dir / "state")
+        """The loop's exact state (network in float32 + optimizer), and beside it the network alone
+        in bf16 with its step: small enough to commit, and enough to resume on another machine."""
+        self.loop.save_state(lambda folder: self.net.save(folder, dtype=torch.float32))
         weights = self.run_dir / "weights.tmp"
         self.net.save(weights, dtype=torch.bfloat16)
         (weights / PROGRESS_FILE).write_text(json.dumps({"step": self.step}))
@@ -400,21 +386,21 @@ class Trainer:
 
     def load_state(self) -> bool:
         """Exact resume from ``state``; else from ``weights`` (bf16, no optimizer) with a re-warm-up."""
-        state_dir, weights_dir = self.run_dir / "state", self.run_dir / "weights"
-        if has_state(state_dir):
-            net, _ = HyperNetwork.load(state_dir)
-            self.net.load_state_dict(net.state_dict())
-            self.step = load_optimizer(self.optimizer, state_dir)
+        if self.loop.load_state(self._read_network):
             log.info("resumed %s at step %d", self.run_dir, self.step)
             return True
+        weights_dir = self.run_dir / "weights"
         if (weights_dir / PROGRESS_FILE).is_file():
-            net, _ = HyperNetwork.load(weights_dir)
-            self.net.load_state_dict(net.state_dict())
-            self.step = self.rewarm_from = int(json.loads((weights_dir / PROGRESS_FILE).read_text())["step"])
+            self._read_network(weights_dir)
+            self.loop.resume_without_optimizer(int(json.loads((weights_dir / PROGRESS_FILE).read_text())["step"]))
             log.warning("resumed %s at step %d from bf16 weights without optimizer state; lr re-warms over %d steps",
                         self.run_dir, self.step, self.config.rewarm_steps)
             return True
         return False
+
+    def _read_network(self, folder: Path) -> None:
+        net, _ = HyperNetwork.load(folder)
+        self.net.load_state_dict(net.state_dict())
 
     def export(self) -> Path:
         """The final checkpoint folder (bf16 weights) with its training provenance."""
@@ -426,6 +412,7 @@ class Trainer:
             "synthetic_tasks": self.config.synthetic_tasks,
             "init_lora": self.config.init_lora,
             "demo_encoding": self.config.demo_encoding,
+            "centered": self.config.centered,
             "rows_left_out_too_long": self.too_long,
             "tasks_per_step": self.config.tasks_per_step,
             "instances_per_task": self.config.instances_per_task,

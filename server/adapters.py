@@ -17,26 +17,29 @@ import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hypergen.adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, Adapter, verify_blob
+from pydantic import ValidationError
+
+from hypergen import prompts
+from hypergen.adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, save_peft_blob, verify_blob
 from hypergen.errors import CorruptAdapterError
 from hypergen.generator import HyperGenerator
 from hypergen.task import TASK_HASH_PATTERN, Task
 from server.cache import CacheEntry, MemoryCache, RedisCache
-from server.engines import Engine, LoadedAdapter
+from server.errors import ApiError
+from hypergen.engines import Engine, LoadedAdapter
 from server.metrics import Metrics
+from server.schemas import AdapterMeta, AdapterOut
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(TASK_HASH_PATTERN)
 LOCK_TTL_MS = 30_000
 PRUNE_GRACE_S = 60.0  # a folder used this recently is never pruned: the engine may be loading it
-# What every record's metadata holds; an entry written by an older server without them is a miss.
-REQUIRED_META = ("adapter_id", "instruction", "rank", "alpha", "target_modules")
 
 
 def is_adapter_id(value: str) -> bool:
@@ -62,53 +65,98 @@ def private_dir(path: Path) -> Path:
 class AdapterRecord:
     adapter_id: str
     blob: bytes
-    meta: dict[str, Any]
+    meta: AdapterMeta
     tier: str | None  # where it was found: "memory", "redis", or None when just generated
 
     @property
     def instruction(self) -> str:
         """The task's instruction: what the prompt for an input needs (kept in every tier)."""
-        return self.meta["instruction"]
+        return self.meta.instruction
 
 
+@dataclass
 class AdapterService:
-    def __init__(
-        self,
-        generator: HyperGenerator,
-        memory: MemoryCache,
-        redis: RedisCache | None,
-        adapter_dir: Path,
-        engine: Engine,
-        metrics: Metrics,
-        max_adapter_dirs: int = 512,
-    ) -> None:
-        self.generator = generator
-        self.memory = memory
-        self.redis = redis
-        self.adapter_dir = adapter_dir
-        self.engine = engine
-        self.metrics = metrics
-        self.max_adapter_dirs = max_adapter_dirs
-        self._inflight: dict[str, asyncio.Future[AdapterRecord]] = {}
-        # One thread: the hypernetwork uses all cores itself; parallel runs would only contend.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypernet")
-        private_dir(adapter_dir)
+    """Every adapter operation the routes need: create, look up, weights, delete, list."""
+
+    generator: HyperGenerator
+    tokenizer: Any  # renders each adapter's prompt template
+    memory: MemoryCache
+    redis: RedisCache | None
+    adapter_dir: Path
+    engine: Engine
+    metrics: Metrics
+    max_adapter_dirs: int = 512
+    _inflight: dict[str, asyncio.Future[AdapterRecord]] = field(default_factory=dict, init=False)
+    # One thread: the hypernetwork uses all cores itself; parallel runs would only contend.
+    _executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypernet"), init=False
+    )
+
+    def __post_init__(self) -> None:
+        private_dir(self.adapter_dir)
         self._prune_folders()  # also clears a crashed writer's .tmp-* folders
+
+    # --- what the routes call -------------------------------------------------
+
+    async def create(self, task: Task, warm: bool = False) -> AdapterOut:
+        """The adapter for a task, generated or from a cache tier; ``warm`` also writes it for the engine."""
+        record = await self.get_or_create(task)
+        if warm:
+            await self.loaded(record)
+        return self.describe(record)
+
+    async def get(self, adapter_id: str) -> AdapterOut:
+        return self.describe(await self.require(adapter_id))
+
+    async def weights(self, adapter_id: str) -> bytes:
+        """The PEFT folder as a .tar.gz (built off the event loop)."""
+        return await asyncio.to_thread(weights_archive, await self.require(adapter_id))
+
+    async def remove(self, adapter_id: str) -> None:
+        """From every tier, the adapter folder and the engine; 404 when no tier had it."""
+        if not await self.delete(adapter_id):
+            raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id}", "adapter_id")
+
+    def held_ids(self) -> list[str]:
+        """Adapters this replica holds in memory, least recently used first (for /v1/models)."""
+        return self.memory.keys()
+
+    async def require(self, adapter_id: str, field_name: str = "adapter_id") -> AdapterRecord:
+        """The record for an id from a request (422 for a malformed id, 404 for an unknown one)."""
+        if not is_adapter_id(adapter_id):
+            raise ApiError(422, "invalid_adapter_id", "an adapter id is 64 lower-case hex characters", field_name)
+        record = await self.lookup(adapter_id)
+        if record is None:
+            raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id}; create it with POST /adapters", field_name)
+        return record
+
+    def describe(self, record: AdapterRecord) -> AdapterOut:
+        base = f"/adapters/{record.adapter_id}"
+        return AdapterOut(
+            **record.meta.model_dump(),
+            prompt_template=prompts.prompt_template(self.tokenizer, record.instruction),
+            cached=record.tier is not None,
+            cache_tier=record.tier,
+            links={"self": base, "weights": f"{base}/weights"},
+        )
 
     # --- lookup -------------------------------------------------------------
 
-    def _verified(self, tier: str, key: str, entry: CacheEntry | None) -> CacheEntry | None:
+    def _record(self, tier: str, key: str, entry: CacheEntry | None) -> AdapterRecord | None:
+        """The entry as a record when it is sound and this task's; counts the hit or miss."""
         if entry is None:
             self.metrics.cache_misses.labels(tier).inc()
             return None
         try:
             info = verify_blob(entry.blob)
-            if info.get("task_hash") != key or entry.meta.get("adapter_id") != key:
+            try:
+                meta = AdapterMeta.model_validate(entry.meta)
+            except ValidationError:
+                raise CorruptAdapterError("the entry's metadata lacks fields this server needs") from None
+            if info.get("task_hash") != key or meta.adapter_id != key:
                 raise CorruptAdapterError("the entry is another task's adapter")
-            if any(name not in entry.meta for name in REQUIRED_META):
-                raise CorruptAdapterError("the entry's metadata lacks fields this server needs")
             config = info["peft_config"]
-            if (entry.meta["rank"], entry.meta["alpha"], entry.meta["target_modules"]) != (config["r"], config["lora_alpha"], config["target_modules"]):
+            if (meta.rank, meta.alpha, meta.target_modules) != (config["r"], config["lora_alpha"], config["target_modules"]):
                 raise CorruptAdapterError("the entry's metadata disagrees with its adapter")
         except CorruptAdapterError:
             log.warning("dropping corrupt or outdated %s cache entry %s", tier, key)
@@ -116,31 +164,27 @@ class AdapterService:
             self.metrics.cache_misses.labels(tier).inc()
             return None
         self.metrics.cache_hits.labels(tier).inc()
-        return entry
+        return AdapterRecord(key, entry.blob, meta, tier)
 
     async def lookup(self, adapter_id: str) -> AdapterRecord | None:
         """Memory, then Redis (promoting to memory); a damaged entry is deleted and reads as a miss."""
         raw = self.memory.get(adapter_id)
-        entry = self._verified("memory", adapter_id, raw)
-        if entry is not None:
-            return AdapterRecord(adapter_id, entry.blob, entry.meta, "memory")
+        record = self._record("memory", adapter_id, raw)
+        if record is not None:
+            return record
         if raw is not None:
             self.memory.delete(adapter_id)
         if self.redis is None:
             return None
         raw = await self.redis.get(adapter_id)
         self.metrics.redis_up.set(1 if self.redis.available else 0)
-        entry = self._verified("redis", adapter_id, raw)
-        if entry is None:
+        record = self._record("redis", adapter_id, raw)
+        if record is None:
             if raw is not None:
                 await self.redis.delete(adapter_id)
             return None
-        self.memory.put(adapter_id, entry)
-        return AdapterRecord(adapter_id, entry.blob, entry.meta, "redis")
-
-    def held_ids(self) -> list[str]:
-        """Adapters this replica holds in memory, least recently used first (for /v1/models)."""
-        return self.memory.keys()
+        self.memory.put(adapter_id, raw)
+        return record
 
     # --- get or create ------------------------------------------------------
 
@@ -174,18 +218,18 @@ class AdapterService:
             else:
                 # Double-checked: a replica may have finished between our miss and our lock.
                 found = await self.redis.get(adapter_id) if token is not None else None
-            entry = self._verified("redis", adapter_id, found) if found is not None else None
-            if entry is not None:
+            record = self._record("redis", adapter_id, found) if found is not None else None
+            if record is not None:
                 if token is not None:
                     await self.redis.release_lock(adapter_id, token)
-                self.memory.put(adapter_id, entry)
-                return AdapterRecord(adapter_id, entry.blob, entry.meta, "redis")
+                self.memory.put(adapter_id, found)
+                return record
         try:
             start = time.perf_counter()
             blob, meta = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_hypernetwork, task)
             self.metrics.hypernetwork_runs.inc()
             self.metrics.hypernetwork_seconds.observe(time.perf_counter() - start)
-            entry = CacheEntry(blob, meta)
+            entry = CacheEntry(blob, meta.model_dump())
             self.memory.put(adapter_id, entry)
             if self.redis is not None:
                 await self.redis.put(adapter_id, entry)
@@ -194,21 +238,15 @@ class AdapterService:
             if token is not None:
                 await self.redis.release_lock(adapter_id, token)
 
-    def _run_hypernetwork(self, task: Task) -> tuple[bytes, dict[str, Any]]:
+    def _run_hypernetwork(self, task: Task) -> tuple[bytes, AdapterMeta]:
         adapter = self.generator.generate(task)
         blob = adapter.to_bytes()
-        meta = {
-            "adapter_id": adapter.task_hash,
-            "instruction": task.instruction,
-            "base_model": self.generator.base_model,
-            "hypernetwork": self.generator.fingerprint,
-            "rank": adapter.rank,
-            "alpha": adapter.alpha,
-            "target_modules": adapter.target_modules,
-            "size_bytes": len(blob),
-            "num_demos": len(task.demos),
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+        meta = AdapterMeta(
+            adapter_id=adapter.task_hash, instruction=task.instruction, base_model=self.generator.base_model,
+            hypernetwork=self.generator.fingerprint, rank=adapter.rank, alpha=adapter.alpha,
+            target_modules=adapter.target_modules, size_bytes=len(blob), num_demos=len(task.demos),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
         return blob, meta
 
     # --- engine side --------------------------------------------------------
@@ -230,7 +268,7 @@ class AdapterService:
     def _write_folder(self, record: AdapterRecord, path: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.adapter_dir))
         try:
-            Adapter.from_bytes(record.blob).save_peft(tmp)
+            save_peft_blob(record.blob, tmp)
             try:
                 os.replace(tmp, path)
             except OSError:  # another writer won the race; its folder is identical
@@ -270,17 +308,16 @@ class AdapterService:
         await self.engine.remove_adapter(adapter_id)
         return found
 
-    @staticmethod
-    def weights_archive(record: AdapterRecord) -> bytes:  # blocking: call through a thread
-        """A .tar.gz of the PEFT folder (adapter_config.json + adapter_model.safetensors)."""
-        adapter = Adapter.from_bytes(record.blob)
-        with tempfile.TemporaryDirectory() as tmp:
-            adapter.save_peft(tmp)
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-                for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):
-                    tar.add(Path(tmp) / name, arcname=f"{record.adapter_id}/{name}")
-        return buf.getvalue()
-
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def weights_archive(record: AdapterRecord) -> bytes:  # blocking: call through a thread
+    """A .tar.gz of the PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_peft_blob(record.blob, tmp)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):
+                tar.add(Path(tmp) / name, arcname=f"{record.adapter_id}/{name}")
+    return buf.getvalue()

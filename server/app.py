@@ -35,9 +35,9 @@ async def build_state(settings: Settings):
 
     from hypergen.base_model import load_tokenizer, resolve_base_model
     from hypergen.generator import HyperGenerator
+    from hypergen.engines import create_engine
     from server.adapters import AdapterService
     from server.cache import MemoryCache, RedisCache
-    from server.engines import create_engine
     from server.generation import GenerationService
     from server.metrics import Metrics
     from server.state import ServerState
@@ -48,23 +48,14 @@ async def build_state(settings: Settings):
     base_name = generator.base_model
     model_path = resolve_base_model(base_name)
     tokenizer = load_tokenizer(base_name)
-    engine = create_engine(
-        settings.engine,
-        model_path=model_path,
-        max_lora_rank=generator.spec.rank,
-        max_loras=settings.max_loras,
-        max_cpu_loras=settings.max_cpu_loras,
-        max_model_len=settings.max_model_len,
-        dtype=settings.dtype,
-        kv_cache_gib=settings.kv_cache_gib,
-    )
+    engine = create_engine(settings, model_path, generator.spec.rank)
     await engine.start()
     metrics = Metrics()
     redis = RedisCache(settings.redis_url, settings.redis_prefix, settings.redis_ttl_s) if settings.redis_url else None
     if redis is not None and not await redis.ping():
         log.warning("redis at %s is unreachable; starting degraded", settings.redis_url)
     adapters = AdapterService(
-        generator, MemoryCache(settings.memory_cache_bytes), redis, default_adapter_dir(settings), engine, metrics,
+        generator, tokenizer, MemoryCache(settings.memory_cache_bytes), redis, default_adapter_dir(settings), engine, metrics,
         settings.max_adapter_dirs,
     )
     generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)

@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from hypergen.engines import EngineBusy
 from hypergen.errors import HypergenError
-from server.engines import EngineBusy
 from server.middleware import BodyTooLarge
 
 log = logging.getLogger(__name__)

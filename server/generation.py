@@ -3,6 +3,8 @@
 Token ids come from a raw prompt, a chat (the base model's template), or a task input
 (the prompt the hypernetwork was trained with, from ``hypergen.prompts``).
 
+Routes hand a request over and get a result (a response model, or a ``Stream`` holding
+its engine slot); this service owns the adapter lookup, the limits, admission and timings.
 Shared by the native /generate route and the OpenAI-compatible routes, so both
 apply the same limits and admission control.
 """
@@ -13,18 +15,20 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from hypergen import prompts
+from hypergen.engines import Engine, EngineBusy, GenerationChunk, GenerationRequest
 from hypergen.errors import TaskError
 from hypergen.settings import Settings
 from hypergen.task import Task
-from server.adapters import AdapterRecord, AdapterService, is_adapter_id
-from server.engines import Engine, EngineBusy, GenerationChunk, GenerationRequest
+from server.adapters import AdapterRecord, AdapterService
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.schemas import Message, SamplingIn, TaskIn
+from server.schemas import (
+    ErrorBody, GenerateManyOut, GenerateOut, GenerateRequest, InputResult, Message, SamplingIn, TaskIn, usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,10 @@ def task_from(body: TaskIn, prefix: str = "") -> Task:
         return Task.from_dict(body.model_dump())
     except TaskError as exc:
         raise ApiError(422, exc.code, exc.message, f"{prefix}{exc.field}" if exc.field else prefix.rstrip(".") or None) from None
+
+
+def timings(target: "Target", queue_ms: float, generate_ms: float) -> dict[str, float]:
+    return {"adapter_ms": round(target.adapter_ms, 2), "queue_ms": round(queue_ms, 2), "generate_ms": round(generate_ms, 2)}
 
 
 @dataclass
@@ -85,15 +93,26 @@ class Result:
     generate_ms: float
 
 
+@dataclass
+class Stream:
+    """A streamed answer: its events, and the engine slot it holds until the stream ends."""
+
+    slot: Slot
+    events: AsyncIterator[dict]
+    done_marker: bool = False  # OpenAI's closing 'data: [DONE]'
+
+
+@dataclass
 class GenerationService:
-    def __init__(self, engine: Engine, tokenizer: Any, adapters: AdapterService, settings: Settings, metrics: Metrics, base_name: str) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.adapters = adapters
-        self.settings = settings
-        self.metrics = metrics
-        self.base_name = base_name
-        self._inflight = 0
+    """Requests in, results out: adapter lookup, prompt, limits, admission, engine, timings."""
+
+    engine: Engine
+    tokenizer: Any
+    adapters: AdapterService
+    settings: Settings
+    metrics: Metrics
+    base_name: str
+    _inflight: int = field(default=0, init=False)
 
     # --- what to generate with ----------------------------------------------
 
@@ -111,21 +130,16 @@ class GenerationService:
             if use_adapter:
                 record = await self.adapters.get_or_create(parsed)
         elif adapter_id is not None:
-            found = await self.lookup(adapter_id, field_name)
+            found = await self.adapters.require(adapter_id, field_name)
             instruction = found.instruction
             record = found if use_adapter else None
         return Target(record, instruction, (time.perf_counter() - start) * 1000)
 
-    async def lookup(self, adapter_id: str, field_name: str = "adapter_id") -> AdapterRecord:
-        if not is_adapter_id(adapter_id):
-            raise ApiError(422, "invalid_adapter_id", "an adapter id is 64 lower-case hex characters", field_name)
-        record = await self.adapters.lookup(adapter_id)
-        if record is None:
-            raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id}; create it with POST /adapters", field_name)
-        return record
-
-    def prompt_template(self, record: AdapterRecord) -> str:
-        return prompts.prompt_template(self.tokenizer, record.instruction)
+    async def model_target(self, model: str) -> Target:
+        """OpenAI's ``model``: the base model's name, or an adapter id (prompts stay raw)."""
+        if model == self.base_name:
+            return Target(None, "", 0.0)
+        return await self.target(model, None, field_name="model")
 
     # --- prompts --------------------------------------------------------------
 
@@ -168,6 +182,72 @@ class GenerationService:
         )
         return Prepared(request, target, len(ids))
 
+    # --- the native /generate ----------------------------------------------------
+
+    async def generate(self, body: GenerateRequest) -> GenerateOut | GenerateManyOut | Stream:
+        """One answer, answers for ``inputs``, or a stream: the whole native request in one call.
+
+        ``input``/``inputs`` get the task's own prompt (what the adapter was trained on);
+        ``prompt``/``messages`` go to the engine raw.
+        """
+        target = await self.target(body.adapter_id, body.task, body.use_adapter)
+        if body.inputs is not None:
+            return await self._generate_many(target, body)
+        if body.input is not None:
+            ids, field_name = self.input_ids(target, body.input), "input"
+        else:
+            ids, field_name = self.raw_ids(body.prompt, body.messages), "prompt" if body.prompt is not None else "messages"
+        prepared = await self.prepare(ids, target, body, field_name=field_name)
+        if body.stream:
+            return self.open_stream(self._native_events(prepared))
+        result = await self.run(prepared)
+        return GenerateOut(
+            text=result.text, adapter_id=prepared.adapter_id, finish_reason=result.finish_reason,
+            usage=usage(prepared.prompt_tokens, result.completion_tokens),
+            timings=timings(target, result.queue_ms, result.generate_ms),
+        )
+
+    async def _generate_many(self, target: Target, body: GenerateRequest) -> GenerateManyOut:
+        """Every input into the engine together; an input that fails carries its error, the rest answer."""
+        start = time.perf_counter()
+        batch: list[Prepared | ApiError] = []
+        for i, text in enumerate(body.inputs or []):
+            try:
+                batch.append(await self.prepare(self.input_ids(target, text), target, body, field_name=f"inputs.{i}"))
+            except ApiError as exc:
+                if exc.field != f"inputs.{i}":  # a request-wide problem (max_tokens): the whole request fails
+                    raise
+                batch.append(exc)
+        outcomes = await self.run_many(batch)
+        results: list[InputResult] = []
+        prompt_total = completion_total = 0
+        for item, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Result) and isinstance(item, Prepared):
+                prompt_total += item.prompt_tokens
+                completion_total += outcome.completion_tokens
+                results.append(InputResult(
+                    text=outcome.text, finish_reason=outcome.finish_reason, usage=usage(item.prompt_tokens, outcome.completion_tokens)
+                ))
+            elif isinstance(outcome, ApiError):
+                results.append(InputResult(error=ErrorBody(code=outcome.code, message=outcome.message, field=outcome.field)))
+        queue_ms = max((o.queue_ms for o in outcomes if isinstance(o, Result)), default=0.0)
+        return GenerateManyOut(
+            adapter_id=target.adapter_id, results=results, usage=usage(prompt_total, completion_total),
+            timings=timings(target, queue_ms, (time.perf_counter() - start) * 1000),
+        )
+
+    async def _native_events(self, prepared: Prepared) -> AsyncIterator[dict]:
+        start = time.perf_counter()
+        async for chunk in self.stream(prepared):
+            if chunk.text:
+                yield {"text": chunk.text}
+            if chunk.finished:
+                yield {
+                    "text": "", "done": True, "adapter_id": prepared.adapter_id, "finish_reason": chunk.finish_reason,
+                    "usage": usage(prepared.prompt_tokens, chunk.completion_tokens).model_dump(),
+                    "timings": timings(prepared.target, chunk.queue_ms, (time.perf_counter() - start) * 1000),
+                }
+
     # --- running ------------------------------------------------------------
 
     def admit(self) -> Slot:
@@ -192,6 +272,10 @@ class GenerationService:
             yield
         finally:
             slot.release()
+
+    def open_stream(self, events: AsyncIterator[dict], done_marker: bool = False) -> Stream:
+        """Takes the engine slot now (so 503 is still possible) for a stream the response will run."""
+        return Stream(self.admit(), events, done_marker)
 
     async def stream(self, prepared: Prepared) -> AsyncIterator[GenerationChunk]:
         """Engine chunks; call inside ``admitted()``. Updates token metrics and resident gauge."""

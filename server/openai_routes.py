@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends
 
-from server.generation import GenerationService, Prepared, Target
+from server.generation import GenerationService, Prepared
 from server.routes import WITH_BODY, errors, sse
 from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAISampling, usage
 from server.state import ServerState, get_state, require_api_key
@@ -19,64 +20,67 @@ from server.state import ServerState, get_state, require_api_key
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
 
 
-async def _prepare(state: ServerState, body: OpenAISampling, ids: list[int], max_tokens: int | None, field_name: str) -> Prepared:
+STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events when stream is true"}}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one OpenAI endpoint shapes its answer, whole and streamed; the rest is shared."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    chat: bool
+
+    def choice(self, text: str, finish_reason: str | None) -> dict:
+        if self.chat:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+    def delta(self, text: str, finish_reason: str | None) -> dict:
+        if self.chat:
+            return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+        return self.choice(text, finish_reason)
+
+
+COMPLETION = Shape("cmpl", "text_completion", "text_completion", chat=False)
+CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk", chat=True)
+
+
+async def _answer(state: ServerState, shape: Shape, body: OpenAISampling, ids: list[int], max_tokens: int | None, field_name: str):
     """``model`` is the base model's name or an adapter id; prompts are raw (no task template)."""
     gen = state.generation
-    target = Target(None, "", 0.0) if body.model == state.base_name else await gen.target(body.model, None, field_name="model")
-    return await gen.prepare(ids, target, body, max_tokens, field_name=field_name)
+    prepared = await gen.prepare(ids, await gen.model_target(body.model), body, max_tokens, field_name=field_name)
+    head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    if body.stream:
+        return sse(gen.open_stream(_chunks(gen, prepared, shape, head), done_marker=True))
+    result = await gen.run(prepared)
+    return {
+        **head, "object": shape.object, "choices": [shape.choice(result.text, result.finish_reason)],
+        "usage": usage(prepared.prompt_tokens, result.completion_tokens).model_dump(),
+    }
 
 
-STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events when stream is true"}}
+async def _chunks(gen: GenerationService, prepared: Prepared, shape: Shape, head: dict) -> AsyncIterator[dict]:
+    head = {**head, "object": shape.chunk_object}
+    if shape.chat:  # the chat stream opens with the assistant's role
+        yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    async for chunk in gen.stream(prepared):
+        event = {**head, "choices": [shape.delta(chunk.text, chunk.finish_reason if chunk.finished else None)]}
+        if chunk.finished:
+            event["usage"] = usage(prepared.prompt_tokens, chunk.completion_tokens).model_dump()
+        yield event
 
 
 @router.post("/completions", responses={**STREAMS, **WITH_BODY, **errors(404)})
 async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
-    gen = state.generation
-    prepared = await _prepare(state, body, gen.raw_ids(body.text(), None), None, "prompt")
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    if body.stream:
-        return await sse(gen, prepared, _completion_chunks(gen, prepared, rid, created, body.model), done_marker=True)
-    result = await gen.run(prepared)
-    return {
-        "id": rid, "object": "text_completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": usage(prepared.prompt_tokens, result.completion_tokens).model_dump(),
-    }
-
-
-async def _completion_chunks(gen: GenerationService, prepared: Prepared, rid: str, created: int, model: str) -> AsyncIterator[dict]:
-    async for chunk in gen.stream(prepared):
-        choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason if chunk.finished else None, "logprobs": None}
-        event = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-        if chunk.finished:
-            event["usage"] = usage(prepared.prompt_tokens, chunk.completion_tokens).model_dump()
-        yield event
+    return await _answer(state, COMPLETION, body, state.generation.raw_ids(body.text(), None), None, "prompt")
 
 
 @router.post("/chat/completions", responses={**STREAMS, **WITH_BODY, **errors(404)})
 async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
-    gen = state.generation
-    prepared = await _prepare(state, body, gen.raw_ids(None, body.messages), body.max_completion_tokens, "messages")
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if body.stream:
-        return await sse(gen, prepared, _chat_chunks(gen, prepared, rid, created, body.model), done_marker=True)
-    result = await gen.run(prepared)
-    return {
-        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason}],
-        "usage": usage(prepared.prompt_tokens, result.completion_tokens).model_dump(),
-    }
-
-
-async def _chat_chunks(gen: GenerationService, prepared: Prepared, rid: str, created: int, model: str) -> AsyncIterator[dict]:
-    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    async for chunk in gen.stream(prepared):
-        delta = {"content": chunk.text} if chunk.text else {}
-        event = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": chunk.finish_reason if chunk.finished else None}]}
-        if chunk.finished:
-            event["usage"] = usage(prepared.prompt_tokens, chunk.completion_tokens).model_dump()
-        yield event
+    ids = state.generation.raw_ids(None, body.messages)
+    return await _answer(state, CHAT, body, ids, body.max_completion_tokens, "messages")
 
 
 @router.get("/models", response_model=ModelList, responses=errors())

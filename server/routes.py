@@ -1,10 +1,8 @@
 """The native API: adapters, generation, health and metrics. Thin: each route delegates to a service."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -12,12 +10,8 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hypergen.task import TASK_HASH_PATTERN
-from server.adapters import AdapterRecord, AdapterService
-from server.errors import ApiError
-from server.generation import GenerationService, Prepared, Result, Slot, Target, task_from
-from server.schemas import (
-    AdapterOut, AdapterRequest, ErrorBody, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest, InputResult, usage,
-)
+from server.generation import Slot, Stream, task_from
+from server.schemas import AdapterOut, AdapterRequest, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest
 from server.state import ServerState, get_state, require_api_key
 
 
@@ -34,30 +28,16 @@ log = logging.getLogger(__name__)
 AdapterIdPath = Path(pattern=TASK_HASH_PATTERN, description="64 lower-case hex characters (the task hash).")
 
 
-def adapter_out(record: AdapterRecord, gen: GenerationService) -> AdapterOut:
-    base = f"/adapters/{record.adapter_id}"
-    return AdapterOut(
-        **{k: v for k, v in record.meta.items() if k in AdapterOut.model_fields},
-        prompt_template=gen.prompt_template(record),
-        cached=record.tier is not None,
-        cache_tier=record.tier,
-        links={"self": base, "weights": f"{base}/weights"},
-    )
-
-
 @router.post("/adapters", response_model=AdapterOut, tags=["adapters"], responses=WITH_BODY)
 async def create_adapter(body: AdapterRequest, state: ServerState = Depends(get_state)) -> AdapterOut:
     """Generates (or finds in cache) the LoRA adapter for a task. The id is the task hash."""
-    record = await state.adapters.get_or_create(task_from(body))
-    if body.options.warm:
-        await state.adapters.loaded(record)
-    return adapter_out(record, state.generation)
+    return await state.adapters.create(task_from(body), warm=body.options.warm)
 
 
 @router.get("/adapters/{adapter_id}", response_model=AdapterOut, tags=["adapters"], responses=errors(404, 422))
 async def get_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> AdapterOut:
     """The adapter's metadata, with the prompt template for clients that build prompts themselves."""
-    return adapter_out(await state.generation.lookup(adapter_id), state.generation)
+    return await state.adapters.get(adapter_id)
 
 
 @router.get(
@@ -68,9 +48,8 @@ async def get_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depe
 )
 async def get_adapter_weights(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> Response:
     """The PEFT adapter folder as a .tar.gz; unpack and pass to peft.PeftModel.from_pretrained."""
-    record = await state.generation.lookup(adapter_id)
     return Response(
-        await asyncio.to_thread(AdapterService.weights_archive, record),
+        await state.adapters.weights(adapter_id),
         media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{adapter_id}.tar.gz"'},
     )
@@ -78,8 +57,7 @@ async def get_adapter_weights(adapter_id: str = AdapterIdPath, state: ServerStat
 
 @router.delete("/adapters/{adapter_id}", status_code=204, tags=["adapters"], responses=errors(404, 422))
 async def delete_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> Response:
-    if not await state.adapters.delete(adapter_id):
-        raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id}", "adapter_id")
+    await state.adapters.remove(adapter_id)
     return Response(status_code=204)
 
 
@@ -99,95 +77,29 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
     ``prompt``/``messages`` are sent raw.
     """
     body.check_shape()
-    gen = state.generation
-    target = await gen.target(body.adapter_id, body.task, body.use_adapter)
-    if body.inputs is not None:
-        return await generate_many(gen, target, body)
-    if body.input is not None:
-        ids, field = gen.input_ids(target, body.input), "input"
-    else:
-        ids, field = gen.raw_ids(body.prompt, body.messages), "prompt" if body.prompt is not None else "messages"
-    prepared = await gen.prepare(ids, target, body, field_name=field)
-    if body.stream:
-        return await sse(gen, prepared, native_events(gen, prepared))
-    result = await gen.run(prepared)
-    return GenerateOut(
-        text=result.text,
-        adapter_id=prepared.adapter_id,
-        finish_reason=result.finish_reason,
-        usage=usage(prepared.prompt_tokens, result.completion_tokens),
-        timings={"adapter_ms": round(target.adapter_ms, 2), "queue_ms": round(result.queue_ms, 2), "generate_ms": round(result.generate_ms, 2)},
-    )
+    out = await state.generation.generate(body)
+    return sse(out) if isinstance(out, Stream) else out
 
 
-async def generate_many(gen: GenerationService, target: Target, body: GenerateRequest) -> GenerateManyOut:
-    """Every input into the engine together; an input that fails carries its error, the rest answer."""
-    start = time.perf_counter()
-    batch: list[Prepared | ApiError] = []
-    for i, text in enumerate(body.inputs):
-        try:
-            batch.append(await gen.prepare(gen.input_ids(target, text), target, body, field_name=f"inputs.{i}"))
-        except ApiError as exc:
-            if exc.field != f"inputs.{i}":  # a request-wide problem (max_tokens): the whole request fails
-                raise
-            batch.append(exc)
-    outcomes = await gen.run_many(batch)
-    results: list[InputResult] = []
-    prompt_total = completion_total = 0
-    for item, outcome in zip(batch, outcomes):
-        if isinstance(outcome, Result):
-            prompt_total += item.prompt_tokens
-            completion_total += outcome.completion_tokens
-            results.append(InputResult(
-                text=outcome.text, finish_reason=outcome.finish_reason, usage=usage(item.prompt_tokens, outcome.completion_tokens)
-            ))
-        else:
-            results.append(InputResult(error=ErrorBody(code=outcome.code, message=outcome.message, field=outcome.field)))
-    queue_ms = max((o.queue_ms for o in outcomes if isinstance(o, Result)), default=0.0)
-    return GenerateManyOut(
-        adapter_id=target.adapter_id,
-        results=results,
-        usage=usage(prompt_total, completion_total),
-        timings={"adapter_ms": round(target.adapter_ms, 2), "queue_ms": round(queue_ms, 2),
-                 "generate_ms": round((time.perf_counter() - start) * 1000, 2)},
-    )
-
-
-async def native_events(gen, prepared: Prepared) -> AsyncIterator[dict]:
-    start = time.perf_counter()
-    async for chunk in gen.stream(prepared):
-        if chunk.text:
-            yield {"text": chunk.text}
-        if chunk.finished:
-            yield {
-                "text": "", "done": True, "adapter_id": prepared.adapter_id, "finish_reason": chunk.finish_reason,
-                "usage": usage(prepared.prompt_tokens, chunk.completion_tokens).model_dump(),
-                "timings": {"adapter_ms": round(prepared.target.adapter_ms, 2), "queue_ms": round(chunk.queue_ms, 2),
-                            "generate_ms": round((time.perf_counter() - start) * 1000, 2)},
-            }
-
-
-async def sse(gen: GenerationService, prepared: Prepared, events: AsyncIterator[dict], done_marker: bool = False) -> StreamingResponse:
-    """Server-sent events. The slot is taken before the response starts (so 503 stays possible)
-    and given back by the response however it ends, even when the client left before the
-    first byte and the body never ran."""
-    slot = gen.admit()
+def sse(stream: Stream) -> StreamingResponse:
+    """Server-sent events. The slot, taken before the response starts, is given back by the
+    response however it ends, even when the client left before the first byte and the body never ran."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
             try:
-                async for event in events:
+                async for event in stream.events:
                     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
             except Exception:  # the status line is sent: end the stream with an error event, not a broken one
                 log.exception("generation failed mid-stream")
                 error = {"error": {"code": "generation_failed", "message": "the engine failed while streaming", "field": None}}
                 yield f"data: {json.dumps(error)}\n\n".encode()
-            if done_marker:
+            if stream.done_marker:
                 yield b"data: [DONE]\n\n"
         finally:
-            slot.release()
+            stream.slot.release()
 
-    return SlotResponse(slot, body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return SlotResponse(stream.slot, body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 class SlotResponse(StreamingResponse):

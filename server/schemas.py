@@ -80,15 +80,14 @@ class AdapterLinks(BaseModel):
     weights: str
 
 
-class AdapterOut(BaseModel):
+class AdapterMeta(BaseModel):
+    """What every cache tier keeps beside an adapter's blob, and what its responses show.
+
+    An entry whose metadata does not parse as this (written by an older server) is a miss.
+    """
+
     adapter_id: str
-    instruction: str
-    prompt_template: str = Field(
-        description="The prompt the adapter was trained on, rendered, with {input} where the input goes: "
-        "substitute it and send it as a raw completion prompt to get the answers /generate gives for 'input'."
-    )
-    cached: bool
-    cache_tier: Literal["memory", "redis"] | None = None
+    instruction: str = Field(description="The task's instruction; prompts for 'input' are built around it.")
     base_model: str
     hypernetwork: str
     rank: int
@@ -97,6 +96,15 @@ class AdapterOut(BaseModel):
     size_bytes: int
     num_demos: int
     created_at: str
+
+
+class AdapterOut(AdapterMeta):
+    prompt_template: str = Field(
+        description="The prompt the adapter was trained on, rendered, with {input} where the input goes: "
+        "substitute it and send it as a raw completion prompt to get the answers /generate gives for 'input'."
+    )
+    cached: bool
+    cache_tier: Literal["memory", "redis"] | None = None
     links: AdapterLinks
 
 

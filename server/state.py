@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from hypergen.engines import Engine
 from hypergen.generator import HyperGenerator
 from hypergen.settings import Settings
 from server.adapters import AdapterService
 from server.cache import RedisCache
-from server.engines import Engine
 from server.errors import ApiError
 from server.generation import GenerationService
 from server.metrics import Metrics

@@ -118,7 +118,7 @@ def vllm_llm(smollm_dir: Path):
 
 import uuid  # noqa: E402
 
-from server.launcher import RedisProcess, ServerProcess  # noqa: E402
+from launcher import RedisProcess, ServerProcess  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -155,9 +155,16 @@ def server_env(checkpoint_dir, redis_prefix, redis_client) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def vllm_server(server_env, tmp_path_factory):
-    """The real server on the vLLM CPU engine, started once per session."""
+    """The real server on the vLLM CPU engine, started once per session.
+
+    float32, as the library's engine tests: vLLM's CPU bf16 kernels answer differently from host
+    to host (seen: on a host with AMX, "What is the capital of France?" gets "L'Étoile, la
+    Marseillaise," from vLLM in bf16, and "The capital of France is Paris." from vLLM in
+    float32 and from transformers in bf16 and float32), so the tests' answers would too.
+    """
     pytest.importorskip("vllm")
-    server = ServerProcess(tmp_path_factory.mktemp("srv"), {**server_env, "HYPERGEN_ENGINE": "vllm"}, "vllm").wait_ready()
+    env = {**server_env, "HYPERGEN_ENGINE": "vllm", "HYPERGEN_DTYPE": "float32"}
+    server = ServerProcess(tmp_path_factory.mktemp("srv"), env, "vllm").wait_ready()
     yield server
     server.stop()
 

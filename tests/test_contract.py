@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from server.launcher import ServerProcess
+from launcher import ServerProcess
 
 pytestmark = pytest.mark.vllm
 

@@ -6,7 +6,7 @@ import torch
 from hypergen.adapter import Adapter, peft_key
 from hypergen.errors import CheckpointError, CorruptAdapterError
 from hypergen.generator import HyperGenerator
-from hypergen.hypernet import FORMAT_VERSION, HyperNetConfig, HyperNetwork
+from hypergen.hypernet import FORMAT_VERSION, HyperNetConfig
 from hypergen.task import Demo, Task
 
 TASK = Task("Answer with the antonym of the word.", (Demo("hot", "cold"), Demo("up", "down"), Demo("big", "small")))

@@ -12,7 +12,7 @@ import time
 import pytest
 import redis as redis_lib
 
-from server.launcher import ServerProcess
+from launcher import ServerProcess
 
 from test_server import new_task
 

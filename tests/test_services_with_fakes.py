@@ -1,7 +1,8 @@
-"""Service logic in process, fast: the real hypernetwork and caches, a fake engine (named so).
+"""Service logic in process, fast: the real hypernetwork, tokenizer and caches, a fake engine (named so).
 
 The same services run over HTTP against the real vLLM engine in test_server.py; these cover
-what is hard to provoke there: cancellation, folder pruning, damaged entries, crashes mid-save.
+what is hard to provoke there (cancellation, folder pruning, damaged entries, crashes
+mid-save) and the request path itself in seconds: a request in, a typed result out.
 """
 from __future__ import annotations
 
@@ -12,31 +13,42 @@ from pathlib import Path
 
 import pytest
 
+from hypergen.base_model import load_tokenizer
+from hypergen.engines import Engine, EngineBusy, GenerationChunk
+from hypergen.settings import Settings
 from hypergen.task import Demo, Task
 from hypergen.train_state import has_state
 from server.adapters import AdapterService, private_dir
 from server.cache import CacheEntry, MemoryCache
-from server.engines import Engine
+from server.errors import ApiError
+from server.generation import GenerationService, Stream
 from server.metrics import Metrics
+from server.schemas import AdapterOut, GenerateManyOut, GenerateOut, GenerateRequest
 
 TASK = Task("Answer with the antonym of the given word.", (Demo("hot", "cold"), Demo("up", "down")))
 OTHER = Task("Answer with the synonym of the given word.", (Demo("big", "large"),))
 
 
 class FakeEngine(Engine):
-    """Records removals; generates nothing (these tests never reach generation)."""
+    """Answers every request with the name of the adapter it got ('base' without one), one
+    character per chunk; records removals and the requests it saw."""
 
     name = "fake"
 
     def __init__(self) -> None:
         self.removed: list[str] = []
+        self.requests: list = []
 
     async def start(self) -> None: ...
 
     async def shutdown(self) -> None: ...
 
-    def generate(self, request):  # noqa: ANN001
-        raise NotImplementedError
+    async def generate(self, request):  # noqa: ANN001
+        self.requests.append(request)
+        text = request.adapter.name[:8] if request.adapter else "base"
+        for char in text:
+            yield GenerationChunk(char)
+        yield GenerationChunk("", True, "stop", len(text), 1.0)
 
     async def remove_adapter(self, name: str) -> None:
         self.removed.append(name)
@@ -48,8 +60,18 @@ class FakeEngine(Engine):
         return True
 
 
-def service(generator, folder: Path, **kwargs) -> AdapterService:
-    return AdapterService(generator, MemoryCache(10**9), None, folder, FakeEngine(), Metrics(), **kwargs)
+@pytest.fixture(scope="module")
+def tokenizer(generator):
+    return load_tokenizer(generator.base_model)
+
+
+def service(generator, folder: Path, tokenizer=None, **kwargs) -> AdapterService:
+    return AdapterService(generator, tokenizer, MemoryCache(10**9), None, folder, FakeEngine(), Metrics(), **kwargs)
+
+
+def generation(generator, tokenizer, folder: Path, **settings) -> GenerationService:
+    adapters = service(generator, folder, tokenizer)
+    return GenerationService(adapters.engine, tokenizer, adapters, Settings(**settings), adapters.metrics, "base")
 
 
 def test_a_cancelled_creator_does_not_take_its_waiters_with_it(generator, tmp_path):
@@ -76,7 +98,7 @@ def test_an_entry_under_another_tasks_key_is_a_miss(generator, tmp_path):
         adapters = service(generator, tmp_path / "adapters")
         record = await adapters.get_or_create(TASK)
         wrong_key = generator.task_hash(OTHER)
-        adapters.memory.put(wrong_key, CacheEntry(record.blob, {**record.meta, "adapter_id": wrong_key}))
+        adapters.memory.put(wrong_key, CacheEntry(record.blob, {**record.meta.model_dump(), "adapter_id": wrong_key}))
         return adapters, await adapters.lookup(wrong_key)
 
     adapters, found = asyncio.run(scenario())
@@ -119,3 +141,56 @@ def test_a_crash_between_the_renames_of_a_state_swap_loses_nothing(tmp_path):
     (old / "trainer.json").write_text('{"step": 40}')
     assert has_state(state)
     assert (state / "trainer.json").read_text() == '{"step": 40}' and not old.exists()
+
+
+def test_adapter_routes_go_through_the_service_and_get_typed_answers(generator, tokenizer, tmp_path):
+    async def scenario():
+        adapters = service(generator, tmp_path / "adapters", tokenizer)
+        created = await adapters.create(TASK, warm=True)
+        got = await adapters.get(created.adapter_id)
+        with pytest.raises(ApiError) as malformed:
+            await adapters.get("not-an-id")
+        archive = await adapters.weights(created.adapter_id)
+        await adapters.remove(created.adapter_id)
+        with pytest.raises(ApiError) as gone:
+            await adapters.remove(created.adapter_id)
+        return adapters, created, got, malformed.value, archive, gone.value
+
+    adapters, created, got, malformed, archive, gone = asyncio.run(scenario())
+    assert isinstance(created, AdapterOut) and created.cached is False and got.cache_tier == "memory"
+    assert got.instruction == TASK.instruction and "{input}" in got.prompt_template
+    assert (malformed.status, malformed.field) == (422, "adapter_id") and (gone.status, gone.field) == (404, "adapter_id")
+    assert archive[:2] == b"\x1f\x8b"  # gzip
+    assert adapters.engine.removed == [created.adapter_id] * 2 and adapters.held_ids() == []
+
+
+def test_generate_inputs_answers_each_and_reports_the_one_that_does_not_fit(generator, tokenizer, tmp_path):
+    gen = generation(generator, tokenizer, tmp_path / "adapters", max_prompt_tokens=200)
+    body = GenerateRequest(task={"instruction": TASK.instruction, "demos": [{"input": "hot", "output": "cold"}]},
+                           inputs=["fast", "word " * 400, "open"])
+    out = asyncio.run(gen.generate(body))
+    assert isinstance(out, GenerateManyOut)
+    assert [r.error is None for r in out.results] == [True, False, True]
+    assert out.results[1].error.code == "prompt_too_long" and out.results[1].error.field == "inputs.1"
+    assert out.results[0].text == out.adapter_id[:8]  # the fake engine got this adapter
+    assert out.usage.prompt_tokens == out.results[0].usage.prompt_tokens + out.results[2].usage.prompt_tokens
+    assert gen._inflight == 0 and len(gen.engine.requests) == 2
+
+
+def test_generate_on_the_base_model_and_a_stream_that_holds_its_slot(generator, tokenizer, tmp_path):
+    gen = generation(generator, tokenizer, tmp_path / "adapters", max_concurrent_requests=1)
+
+    async def scenario():
+        base = await gen.generate(GenerateRequest(task={"instruction": "Say hi."}, input="x", use_adapter=False))
+        stream = await gen.generate(GenerateRequest(prompt="hello", stream=True))
+        with pytest.raises(EngineBusy):  # the stream holds the only slot until it ends
+            await gen.generate(GenerateRequest(prompt="hello"))
+        events = [e async for e in stream.events]
+        stream.slot.release()
+        after = await gen.generate(GenerateRequest(prompt="hello"))
+        return base, stream, events, after
+
+    base, stream, events, after = asyncio.run(scenario())
+    assert isinstance(base, GenerateOut) and base.text == "base" and base.adapter_id is None
+    assert isinstance(stream, Stream) and "".join(e["text"] for e in events) == "base" and events[-1]["done"]
+    assert after.text == "base" and gen._inflight == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.launcher import ServerProcess
+from launcher import ServerProcess
 
 pytestmark = pytest.mark.vllm
 

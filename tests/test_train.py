@@ -63,7 +63,7 @@ def test_a_run_with_only_its_bf16_weights_resumes_with_a_rewarm(tiny_config):
     resumed = Trainer(tiny_config)
     assert resumed.load_state() and resumed.step == 2 and resumed.rewarm_from == 2
     record = resumed.train_step()
-    full_lr = __import__("hypergen.train", fromlist=["lr_at"]).lr_at(tiny_config, 2, tiny_config.steps)
+    full_lr = tiny_config.schedule(tiny_config.steps).at(2)
     assert record["lr"] == pytest.approx(full_lr / tiny_config.rewarm_steps)
 
 
@@ -97,6 +97,31 @@ def test_a_shared_start_reproduces_the_multitask_lora_exactly(tiny_llama_dir, tm
     trainer.train()  # the correction learns; the adapter now depends on the task
     one, two = (trainer.generator.generate(Task(x)) for x in ("Answer with the antonym.", "Repeat the word."))
     assert any(not torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)
+
+
+def test_a_centred_correction_starts_at_zero_and_is_zero_for_the_mean_task(tiny_config):
+    from hypergen.hypernet import HyperNetwork
+    from hypergen.task import Task
+    from hypergen.task_items import encode_tasks
+
+    trainer = Trainer(tiny_config.model_copy(update={"centered": True, "synthetic_tasks": 12}))
+    net = trainer.net
+    shared = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in net.shared().items()}
+    start = trainer.generator.generate(Task("Repeat the word."))
+    for m, (a, b) in shared.items():  # an untrained centred network emits its shared LoRA exactly
+        assert torch.equal(torch.stack(start.stacked()[m][0].unbind()), a[0]) and torch.equal(start.stacked()[m][1], b[0])
+    out = trainer.train()
+    assert float(net.task_mean_count) == tiny_config.steps  # one running-mean update per step
+    loaded, _ = HyperNetwork.load(out)
+    assert torch.allclose(loaded.task_mean, net.task_mean.to(torch.bfloat16).float())  # saved with the weights
+    batch = encode_tasks(trainer.generator.encoder, [Task("Repeat the word."), Task("Answer with the antonym.")], "pairs")
+    with torch.no_grad():
+        task = net.task_vectors(batch.items, batch.kinds, batch.mask)
+        net.task_mean.copy_(task[0])  # make the first task the mean: its correction vanishes, the other's does not
+        weights = net.eval()(batch.items, batch.kinds, batch.mask)
+    for m, (a, b) in weights.items():
+        assert torch.allclose(a[0], net.shared_a[m], atol=1e-6) and torch.allclose(b[0], net.shared_b[m], atol=1e-6)
+    assert any(not torch.allclose(a[1], net.shared_a[m], atol=1e-6) for m, (a, _) in weights.items())
 
 
 def test_a_lora_of_another_shape_is_refused_as_shared_start(tiny_llama_dir, tmp_path, generator):

@@ -1,6 +1,6 @@
 """One base model with named PEFT adapters loaded on demand: the transformers way to serve many LoRAs.
 
-Used by the server's transformers engine and by the evaluation harness. Not thread-safe:
+Used by the transformers engine (serving and evaluation). Not thread-safe:
 callers serialise access (one request at a time).
 """
 from __future__ import annotations

@@ -4,16 +4,51 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
-from hypergen.peft_adapters import PeftAdapterSet
-from server.engines.base import Engine, GenerationChunk, GenerationRequest
+from transformers import StoppingCriteria
+
+from hypergen.engines.base import Engine, GenerationChunk, GenerationRequest
+from hypergen.engines.peft_adapters import PeftAdapterSet
+
+
+class TextStream(StoppingCriteria):
+    """Called by ``generate`` after every token: emits the new text, applies stop strings and
+    end-of-sequence, and stops generating for a client that went away."""
+
+    def __init__(self, tokenizer: Any, stop: list[str], emit: Callable[[GenerationChunk], None], cancelled: threading.Event) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.emit = emit
+        self.cancelled = cancelled
+        self.tokens: list[int] = []
+        self.text = ""
+        self.reason = "length"
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:  # noqa: ANN001 (transformers' signature)
+        if self.cancelled.is_set():
+            self.reason = "abort"
+            return True
+        token = int(input_ids[0, -1])
+        if token == self.tokenizer.eos_token_id:
+            self.reason = "stop"
+            return True
+        self.tokens.append(token)
+        full = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for stop in self.stop:
+            if stop in full:
+                full = full[: full.index(stop)]
+                self.reason = "stop"
+        if len(full) > len(self.text) and not full.endswith("\ufffd"):  # a whole character more
+            self.emit(GenerationChunk(full[len(self.text) :]))
+            self.text = full
+        return self.reason == "stop"
 
 
 class HFEngine(Engine):
     name = "hf"
 
-    def __init__(self, model_path: str, dtype: str = "bfloat16", max_cpu_loras: int = 64, **_: object) -> None:
+    def __init__(self, model_path: str, dtype: str = "bfloat16", max_cpu_loras: int = 64) -> None:
         self.model_path = model_path
         self.dtype = "bfloat16" if dtype == "auto" else dtype
         self.max_cpu_loras = max_cpu_loras
@@ -38,9 +73,9 @@ class HFEngine(Engine):
     def ready(self) -> bool:
         return self._adapters is not None
 
-    def _run(self, request: GenerationRequest, emit, queued_at: float, cancelled: threading.Event) -> None:
+    def _run(self, request: GenerationRequest, emit: Callable[[GenerationChunk], None], queued_at: float, cancelled: threading.Event) -> None:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
         with self._lock:
             if cancelled.is_set():  # left while queued
@@ -49,33 +84,7 @@ class HFEngine(Engine):
             adapter = request.adapter
             adapter_context = self._adapters.activate(adapter.name if adapter else None, adapter.path if adapter else None)
             ids = torch.tensor([request.prompt_token_ids])
-            eos = self._tokenizer.eos_token_id
-            generated: list[int] = []
-            text = ""
-            reason = "length"
-
-            class Stream(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
-                    nonlocal text, reason
-                    if cancelled.is_set():  # the client went away: stop generating for nobody
-                        reason = "abort"
-                        return True
-                    token = int(input_ids[0, -1])
-                    if token == eos:
-                        reason = "stop"
-                        return True
-                    generated.append(token)
-                    full = tokenizer.decode(generated, skip_special_tokens=True)
-                    for stop in request.stop:
-                        if stop in full:
-                            full = full[: full.index(stop)]
-                            reason = "stop"
-                    if len(full) > len(text) and not full.endswith("\ufffd"):
-                        emit(GenerationChunk(full[len(text) :]))
-                        text = full
-                    return reason == "stop"
-
-            tokenizer = self._tokenizer
+            stream = TextStream(self._tokenizer, request.stop, emit, cancelled)
             kwargs = {"max_new_tokens": request.max_tokens, "do_sample": not request.greedy}
             if not request.greedy:
                 kwargs.update(temperature=request.temperature, top_p=request.top_p)
@@ -83,13 +92,10 @@ class HFEngine(Engine):
                     torch.manual_seed(request.seed)
             with torch.inference_mode(), adapter_context:
                 self._adapters.model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    stopping_criteria=StoppingCriteriaList([Stream()]),
-                    pad_token_id=eos,
-                    **kwargs,
+                    input_ids=ids, attention_mask=torch.ones_like(ids), stopping_criteria=StoppingCriteriaList([stream]),
+                    pad_token_id=self._tokenizer.eos_token_id, **kwargs,
                 )
-            emit(GenerationChunk("", True, reason, len(generated), queue_ms))
+            emit(GenerationChunk("", True, stream.reason, len(stream.tokens), queue_ms))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         loop = asyncio.get_running_loop()

@@ -3,34 +3,25 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator
 
-from server.engines.base import Engine, GenerationChunk, GenerationRequest
+from hypergen.engines.base import Engine, GenerationChunk, GenerationRequest
 
 
+@dataclass(eq=False)
 class VLLMEngine(Engine):
+    model_path: str
+    max_lora_rank: int
+    max_loras: int = 8
+    max_cpu_loras: int = 64
+    max_model_len: int = 2048
+    dtype: str = "auto"
+    kv_cache_gib: float = 2.0
     name = "vllm"
-
-    def __init__(
-        self,
-        model_path: str,
-        max_lora_rank: int,
-        max_loras: int = 8,
-        max_cpu_loras: int = 64,
-        max_model_len: int = 2048,
-        dtype: str = "auto",
-        kv_cache_gib: float = 2.0,
-    ) -> None:
-        self.model_path = model_path
-        self.max_lora_rank = max_lora_rank
-        self.max_loras = max_loras
-        self.max_cpu_loras = max_cpu_loras
-        self.max_model_len = max_model_len
-        self.dtype = dtype
-        self.kv_cache_gib = kv_cache_gib
-        self._engine = None
-        self._ids: dict[str, int] = {}  # adapter name -> vLLM lora_int_id, stable for this process
-        self._next_id = itertools.count(1)
+    _engine: Any = field(default=None, init=False)
+    _ids: dict[str, int] = field(default_factory=dict, init=False)  # adapter name -> vLLM lora_int_id, stable for this process
+    _next_id: Iterator[int] = field(default_factory=lambda: itertools.count(1), init=False)
 
     async def start(self) -> None:
         import torch

@@ -1,4 +1,4 @@
-"""Start `hypergen serve` in a subprocess and wait until it is ready: for tests, benchmarks and scripts."""
+"""Start `hypergen serve` in a subprocess and wait until it is ready: the harness of the tests and of bench/."""
 from __future__ import annotations
 
 import os

@@ -1,0 +1,40 @@
+"""Generation engines behind one small interface, for the server and for evaluation alike.
+
+``create_engine`` is the one place an engine is built from settings; ``OfflineEngine``
+drives one from synchronous code (``hypergen eval``, scripts, tests).
+"""
+from __future__ import annotations
+
+from hypergen.engines.base import Engine, EngineBusy, GenerationChunk, GenerationRequest, LoadedAdapter
+from hypergen.engines.offline import OfflineEngine
+from hypergen.settings import Settings
+
+__all__ = [
+    "Engine", "EngineBusy", "GenerationChunk", "GenerationRequest", "LoadedAdapter", "OfflineEngine",
+    "create_engine", "installed_engine",
+]
+
+
+def installed_engine() -> str:
+    """'vllm' when vLLM is installed, else 'hf' (transformers + peft)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "hf"
+    return "vllm"
+
+
+def create_engine(settings: Settings, model_path: str, max_lora_rank: int) -> Engine:
+    """The engine ``settings.engine`` names, sized by the settings (HYPERGEN_MAX_LORAS...)."""
+    if settings.engine == "vllm":
+        from hypergen.engines.vllm import VLLMEngine
+
+        return VLLMEngine(
+            model_path, max_lora_rank, max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras,
+            max_model_len=settings.max_model_len, dtype=settings.dtype, kv_cache_gib=settings.kv_cache_gib,
+        )
+    if settings.engine == "hf":
+        from hypergen.engines.hf import HFEngine
+
+        return HFEngine(model_path, dtype=settings.dtype, max_cpu_loras=settings.max_cpu_loras)
+    raise ValueError(f"unknown engine {settings.engine!r}; use 'vllm' or 'hf'")
