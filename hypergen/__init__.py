@@ -2,6 +2,7 @@
 from hypergen.adapter import Adapter
 from hypergen.errors import CheckpointError, CorruptAdapterError, HypergenError, SpecError, TaskError
 from hypergen.generator import HyperGenerator
+from hypergen.refine import RefineError, refine
 from hypergen.spec import LoraSpec, ModelDims
 from hypergen.task import Demo, Task
 
@@ -14,8 +15,10 @@ __all__ = [
     "HypergenError",
     "LoraSpec",
     "ModelDims",
+    "RefineError",
     "SpecError",
     "Task",
     "TaskError",
+    "refine",
 ]
 __version__ = "0.1.0"

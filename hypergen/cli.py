@@ -77,6 +77,25 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refine(args: argparse.Namespace) -> int:
+    from hypergen.adapter import Adapter
+    from hypergen.refine import refine
+    from hypergen.task import Demo
+
+    examples = []
+    for n, line in enumerate(Path(args.examples).read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("output"), str):
+                raise SystemExit(f"{args.examples}:{n}: each line must be {{\"input\": str, \"output\": str}}")
+            examples.append(Demo(row["input"], row["output"]))
+    adapter = Adapter.load_peft(args.adapter)
+    refined = refine(adapter, examples, instruction=args.instruction, base_model=args.base_model, steps=args.steps,
+                     lr=args.lr, seed=args.seed, work_dir=args.work_dir)
+    print(refined.save_peft(args.out))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from hypergen.evaluate import EvalConfig, Evaluation
 
@@ -128,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--config", help="TrainConfig file for base model, spec, dtype, threads")
     lora.add_argument("--out", required=True)
     lora.set_defaults(func=cmd_train_lora)
+
+    ref = sub.add_parser("refine", help="fine-tune an adapter (e.g. a generated one) on your own examples")
+    ref.add_argument("--adapter", required=True, help="PEFT folder to start from (hypergen generate --out, or the server's weights)")
+    ref.add_argument("--examples", required=True, help='JSONL, one {"input": ..., "output": ...} a line (2 to 4096)')
+    ref.add_argument("--instruction", default="", help="the task instruction the adapter was generated for (prompts: instruction + input)")
+    ref.add_argument("--steps", type=int, default=100)
+    ref.add_argument("--lr", type=float, default=1e-3)
+    ref.add_argument("--seed", type=int, default=0)
+    ref.add_argument("--base-model", help="base model (default: the adapter's)")
+    ref.add_argument("--work-dir", help="keep the run's log.jsonl and resumable state here")
+    ref.add_argument("--out", required=True, help="PEFT folder to write")
+    ref.set_defaults(func=cmd_refine)
 
     ev = sub.add_parser("eval", help="evaluate base / ICL / generated / LoRA baselines on held-out S-NI tasks")
     ev.add_argument("--sni-dir", required=True)

@@ -19,6 +19,7 @@ from hypergen.adapter import TRAINING_FILE, Adapter, peft_key
 from hypergen.base_model import load_dims, load_model, load_tokenizer
 from hypergen.batching import length_buckets, lm_loss, make_batch
 from hypergen.data import TaskData
+from hypergen.errors import HypergenError, SpecError
 from hypergen.hypernet import noop_lora
 from hypergen.lora_apply import lora_applied
 from hypergen.prompts import prompt_ids, target_ids
@@ -32,6 +33,16 @@ def init_lora(spec: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
     """The trainable tensors ({module}.A, {module}.B) of a no-op LoRA, as PEFT starts one."""
     start = noop_lora(spec, torch.Generator().manual_seed(seed))
     return {f"{m}.{w}": t for m, (a, b) in start.items() for w, t in (("A", a), ("B", b))}
+
+
+def flat_lora(adapter: Adapter, spec: LoraSpec) -> dict[str, torch.Tensor]:
+    """An adapter's weights as the trainable tensors; refuses one whose layout differs from ``spec``."""
+    if (list(adapter.target_modules), adapter.rank) != (list(spec.target_modules), spec.rank):
+        raise SpecError(
+            f"the adapter has rank {adapter.rank} on {adapter.target_modules}; training expects rank {spec.rank} on "
+            f"{list(spec.target_modules)}", "adapter",
+        )
+    return {f"{m}.{w}": t.clone() for m, (a, b) in adapter.stacked().items() for w, t in (("A", a), ("B", b))}
 
 
 def to_adapter(params: dict[str, torch.Tensor], spec: LoraSpec, base_model: str) -> Adapter:
@@ -51,17 +62,20 @@ def train_lora(
     batch_size: int = 8,
     lr: float = 1e-3,
     skip_first: int = 0,
+    start: Adapter | None = None,
 ) -> Path:
     """Trains a LoRA on rows drawn from ``tasks`` (leaving each task's first ``skip_first``
     instances out: the ones an evaluation scores); returns the PEFT folder, which records
-    what it was trained on in ``TRAINING_FILE``."""
+    what it was trained on in ``TRAINING_FILE``. It starts from ``start``'s weights when given
+    (refinement), else as PEFT starts a LoRA."""
     out_dir = Path(out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
     tokenizer = load_tokenizer(config.base_model)
     model = load_model(config.base_model, dtype=config.dtype)
     spec = LoraSpec(load_dims(config.base_model), tuple(config.target_modules), config.rank, config.alpha)
-    params = {k: torch.nn.Parameter(v) for k, v in init_lora(spec, config.seed).items()}
+    first = init_lora(spec, config.seed) if start is None else flat_lora(start, spec)
+    params = {k: torch.nn.Parameter(v) for k, v in first.items()}
     loop = config.loop(params.values(), out_dir, steps, lr=lr, desc=f"train-lora {out_dir.name}")
 
     def read(folder: Path) -> None:
@@ -73,6 +87,8 @@ def train_lora(
     rows_all = [(prompt_ids(tokenizer, t.instruction, inst.input), target_ids(tokenizer, inst.outputs[0]))
                 for t in tasks for inst in t.instances[skip_first:]]
     rows_all = [r for r in rows_all if len(r[0]) <= config.max_prompt_tokens]  # never cut a prompt
+    if not rows_all:
+        raise HypergenError(f"no example has a prompt of at most {config.max_prompt_tokens} tokens", "examples")
     buckets = length_buckets(rows_all, lambda r: len(r[0]), config.length_buckets if len(rows_all) >= 4 * batch_size else 1)
 
     def loss(rng: random.Random) -> tuple[torch.Tensor, dict[str, int]]:

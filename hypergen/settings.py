@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(default=512, ge=1)
     kv_cache_gib: float = Field(default=2.0, gt=0)
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = no auth.")
+    max_refine_jobs: int = Field(default=1, ge=1, description="Refine jobs training at once on this replica (one process each).")
+    max_queued_jobs: int = Field(default=4, ge=0, description="Refine jobs waiting beyond those; past them, 503.")
 
     def resolved_home(self) -> Path:
         return self.home.expanduser()

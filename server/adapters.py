@@ -229,14 +229,18 @@ class AdapterService:
             blob, meta = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_hypernetwork, task)
             self.metrics.hypernetwork_runs.inc()
             self.metrics.hypernetwork_seconds.observe(time.perf_counter() - start)
-            entry = CacheEntry(blob, meta.model_dump())
-            self.memory.put(adapter_id, entry)
-            if self.redis is not None:
-                await self.redis.put(adapter_id, entry)
-            return AdapterRecord(adapter_id, blob, meta, None)
+            return await self.store(blob, meta)
         finally:
             if token is not None:
                 await self.redis.release_lock(adapter_id, token)
+
+    async def store(self, blob: bytes, meta: AdapterMeta) -> AdapterRecord:
+        """Puts an adapter made elsewhere (a refine job's) in every tier, as a generated one is."""
+        entry = CacheEntry(blob, meta.model_dump())
+        self.memory.put(meta.adapter_id, entry)
+        if self.redis is not None:
+            await self.redis.put(meta.adapter_id, entry)
+        return AdapterRecord(meta.adapter_id, blob, meta, None)
 
     def _run_hypernetwork(self, task: Task) -> tuple[bytes, AdapterMeta]:
         adapter = self.generator.generate(task)

@@ -36,9 +36,10 @@ async def build_state(settings: Settings):
     from hypergen.base_model import load_tokenizer, resolve_base_model
     from hypergen.generator import HyperGenerator
     from hypergen.engines import create_engine
-    from server.adapters import AdapterService
+    from server.adapters import AdapterService, private_dir
     from server.cache import MemoryCache, RedisCache
     from server.generation import GenerationService
+    from server.jobs import JobService
     from server.metrics import Metrics
     from server.state import ServerState
 
@@ -59,7 +60,9 @@ async def build_state(settings: Settings):
         settings.max_adapter_dirs,
     )
     generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)
-    return ServerState(settings, generator, engine, adapters, generation, redis, metrics, base_name, int(time.time()))
+    adapter_dir = adapters.adapter_dir
+    jobs = JobService(adapters, generation, redis, settings, private_dir(adapter_dir.with_name(adapter_dir.name + "-jobs")))
+    return ServerState(settings, generator, engine, adapters, generation, jobs, redis, metrics, base_name, int(time.time()))
 
 
 @asynccontextmanager
@@ -71,6 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         app.state.hypergen = None
+        await state.jobs.close()
         state.adapters.close()
         if state.redis is not None:
             await state.redis.close()

@@ -133,6 +133,14 @@ class RedisCache:
     async def delete(self, key: str) -> bool:
         return bool(await self._call("delete", lambda: self._client.delete(self._key("adapter", key)), 0))
 
+    async def put_record(self, kind: str, key: str, value: str) -> bool:
+        """A small JSON record (e.g. a job's state) under ``{prefix}{kind}:{key}``, with the TTL."""
+        return bool(await self._call("put", lambda: self._client.set(self._key(kind, key), value, ex=self.ttl_s), False))
+
+    async def get_record(self, kind: str, key: str) -> str | None:
+        value = await self._call("get", lambda: self._client.get(self._key(kind, key)), None)
+        return value.decode() if isinstance(value, bytes) else value
+
     async def acquire_lock(self, key: str, ttl_ms: int) -> str | None:
         """A short cross-replica lock so only one replica runs the hypernetwork for a task."""
         token = uuid.uuid4().hex

@@ -11,7 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hypergen.task import TASK_HASH_PATTERN
 from server.generation import Slot, Stream, task_from
-from server.schemas import AdapterOut, AdapterRequest, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest
+from server.schemas import (
+    AdapterOut, AdapterRequest, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest, JobOut, RefineRequest,
+)
 from server.state import ServerState, get_state, require_api_key
 
 
@@ -26,6 +28,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 health = APIRouter()
 log = logging.getLogger(__name__)
 AdapterIdPath = Path(pattern=TASK_HASH_PATTERN, description="64 lower-case hex characters (the task hash).")
+JobIdPath = Path(pattern=r"^[0-9a-f]{32}$", description="32 lower-case hex characters.")
 
 
 @router.post("/adapters", response_model=AdapterOut, tags=["adapters"], responses=WITH_BODY)
@@ -59,6 +62,28 @@ async def get_adapter_weights(adapter_id: str = AdapterIdPath, state: ServerStat
 async def delete_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> Response:
     await state.adapters.remove(adapter_id)
     return Response(status_code=204)
+
+
+@router.post("/adapters/{adapter_id}/refine", status_code=202, response_model=JobOut, tags=["jobs"], responses={**WITH_BODY, **errors(404)})
+async def refine_adapter(body: RefineRequest, adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> JobOut:
+    """Starts a job that fine-tunes the adapter on your examples; follow it at ``links.self``.
+
+    The refined adapter's id (``adapter_id``) is known at once: a hash of this adapter, the
+    examples and the parameters, so the same request gives the same adapter (from cache).
+    """
+    return await state.jobs.submit(adapter_id, body)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=errors(404, 422))
+async def get_job(job_id: str = JobIdPath, state: ServerState = Depends(get_state)) -> JobOut:
+    """Status (queued, running, done, failed, cancelled), steps done, the last loss; the adapter when done."""
+    return await state.jobs.get(job_id)
+
+
+@router.delete("/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=errors(404, 409, 422))
+async def cancel_job(job_id: str = JobIdPath, state: ServerState = Depends(get_state)) -> JobOut:
+    """Cancels and deletes a queued or running job, answering its last state (409 once it has finished)."""
+    return await state.jobs.cancel(job_id)
 
 
 @router.post(

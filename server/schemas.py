@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from hypergen.refine import MAX_EXAMPLES, MAX_STEPS, MIN_EXAMPLES
 from hypergen.task import MAX_DEMO_FIELD_CHARS, MAX_DEMOS, MAX_INSTRUCTION_CHARS, TASK_HASH_PATTERN
 from server.errors import ApiError
 
@@ -14,6 +15,7 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_INPUTS = 256
 MAX_SEED = 2**32 - 1
+MAX_HOLDOUT = 256
 NOT_BLANK = r"\S"  # at least one non-whitespace character
 
 
@@ -80,6 +82,12 @@ class AdapterLinks(BaseModel):
     weights: str
 
 
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
 class AdapterMeta(BaseModel):
     """What every cache tier keeps beside an adapter's blob, and what its responses show.
 
@@ -96,6 +104,7 @@ class AdapterMeta(BaseModel):
     size_bytes: int
     num_demos: int
     created_at: str
+    parent_id: str | None = Field(default=None, description="For a refined adapter: the adapter it was refined from.")
 
 
 class AdapterOut(AdapterMeta):
@@ -106,6 +115,46 @@ class AdapterOut(AdapterMeta):
     cached: bool
     cache_tier: Literal["memory", "redis"] | None = None
     links: AdapterLinks
+
+
+class RefineRequest(BaseModel):
+    """Fine-tune an adapter on your own examples (a job; see GET /jobs/{job_id})."""
+
+    model_config = STRICT
+    examples: list[DemoIn] = Field(min_length=MIN_EXAMPLES, max_length=MAX_EXAMPLES)
+    steps: json_int(ge=1, le=MAX_STEPS) = 100
+    lr: float = Field(default=1e-3, gt=0, le=1e-2)
+    holdout: list[DemoIn] = Field(
+        default_factory=list, max_length=MAX_HOLDOUT,
+        description="Examples never trained on, scored before and after (exact match and ROUGE-L of greedy answers).",
+    )
+
+
+class HoldoutScores(BaseModel):
+    exact_match: float
+    rougeL: float
+
+
+class JobLinks(BaseModel):
+    self: str
+    parent: str
+    adapter: str | None = None
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    parent_id: str
+    adapter_id: str = Field(description="The refined adapter's id: a hash of the parent, the examples and the parameters.")
+    steps_done: int = 0
+    steps_total: int
+    loss: float | None = Field(default=None, description="The last step's training loss.")
+    adapter: AdapterOut | None = None
+    holdout: dict[str, HoldoutScores] | None = Field(default=None, description="'before' and 'after', when holdout examples were given.")
+    error: ErrorBody | None = None
+    created_at: str
+    updated_at: str
+    links: JobLinks
 
 
 class Message(BaseModel):
@@ -191,12 +240,6 @@ class GenerateOut(BaseModel):
     finish_reason: str | None
     usage: Usage
     timings: Timings
-
-
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    field: str | None = None
 
 
 class InputResult(BaseModel):

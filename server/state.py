@@ -14,6 +14,7 @@ from server.adapters import AdapterService
 from server.cache import RedisCache
 from server.errors import ApiError
 from server.generation import GenerationService
+from server.jobs import JobService
 from server.metrics import Metrics
 
 
@@ -24,6 +25,7 @@ class ServerState:
     engine: Engine
     adapters: AdapterService
     generation: GenerationService
+    jobs: JobService
     redis: RedisCache | None
     metrics: Metrics
     base_name: str

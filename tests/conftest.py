@@ -163,7 +163,7 @@ def vllm_server(server_env, tmp_path_factory):
     float32 and from transformers in bf16 and float32), so the tests' answers would too.
     """
     pytest.importorskip("vllm")
-    env = {**server_env, "HYPERGEN_ENGINE": "vllm", "HYPERGEN_DTYPE": "float32"}
+    env = {**server_env, "HYPERGEN_ENGINE": "vllm", "HYPERGEN_DTYPE": "float32", "HYPERGEN_MAX_QUEUED_JOBS": "1"}
     server = ServerProcess(tmp_path_factory.mktemp("srv"), env, "vllm").wait_ready()
     yield server
     server.stop()

@@ -308,3 +308,72 @@ def test_evaluation_refuses_to_resume_under_another_setup(tmp_path, checkpoint_d
     Evaluation(config)
     with pytest.raises(ValueError, match="max_instances"):
         Evaluation(EvalConfig(**{**config.__dict__, "max_instances": 3}))
+
+
+def _tiny_adapter(tiny_llama_dir, seed: int = 1):
+    """A LoRA for the tiny Llama with a non-zero B, standing in for a generated one."""
+    from hypergen.base_model import load_dims
+    from hypergen.lora_train import init_lora, to_adapter
+    from hypergen.spec import LoraSpec
+
+    spec = LoraSpec(load_dims(str(tiny_llama_dir)))
+    params = init_lora(spec, seed)
+    gen = torch.Generator().manual_seed(seed)
+    params = {k: (v if k.endswith(".A") else torch.randn(v.shape, generator=gen) * 0.02) for k, v in params.items()}
+    return to_adapter(params, spec, str(tiny_llama_dir))
+
+
+REFINE_EXAMPLES = [("red", "colour"), ("dog", "animal"), ("blue", "colour"), ("cat", "animal"), ("green", "colour"), ("cow", "animal")]
+
+
+def test_refine_starts_from_the_adapter_learns_its_examples_and_is_deterministic(tiny_llama_dir, tmp_path):
+    from hypergen import refine
+    from hypergen.task import Demo
+
+    start = _tiny_adapter(tiny_llama_dir)
+    examples = [Demo(i, o) for i, o in REFINE_EXAMPLES]
+    kwargs = dict(instruction="Is it a colour or an animal?", steps=12, lr=5e-3, batch_size=4, seed=3)
+    one = refine(start, examples, work_dir=tmp_path / "one", **kwargs)
+    two = refine(start, examples, work_dir=tmp_path / "two", **kwargs)
+    assert all(torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)  # same seed, same adapter
+    assert any(not torch.equal(one.tensors[k], start.tensors[k]) for k in start.tensors)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0]
+    barely = refine(start, examples, **{**kwargs, "steps": 1, "lr": 1e-7})  # the start is the adapter, not PEFT's
+    b_keys = [k for k in start.tensors if "lora_B" in k]
+    assert all(torch.allclose(barely.tensors[k], start.tensors[k], atol=1e-5) for k in b_keys)
+    assert any(start.tensors[k].abs().sum() > 0 for k in b_keys)
+
+
+def test_refine_refuses_bad_input_naming_the_field(tiny_llama_dir):
+    from hypergen import RefineError, refine
+    from hypergen.task import Demo
+
+    start = _tiny_adapter(tiny_llama_dir)
+    two = [Demo("a", "b"), Demo("c", "d")]
+    for examples, kwargs, field in [
+        ([Demo("a", "b")], {}, "examples"),
+        ([Demo("a", "b"), Demo("c", " ")], {}, "examples.1.output"),
+        (two, {"steps": 0}, "steps"),
+        (two, {"lr": 1.0}, "lr"),
+    ]:
+        with pytest.raises(RefineError) as err:
+            refine(start, examples, **kwargs)
+        assert err.value.field == field
+
+
+def test_refine_cli_writes_a_peft_folder(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hypergen.cli import main
+
+    start = _tiny_adapter(tiny_llama_dir).save_peft(tmp_path / "start")
+    (tmp_path / "examples.jsonl").write_text("\n".join(json.dumps({"input": i, "output": o}) for i, o in REFINE_EXAMPLES) + "\n")
+    assert main(["refine", "--adapter", str(start), "--examples", str(tmp_path / "examples.jsonl"), "--steps", "2",
+                 "--base-model", str(tiny_llama_dir), "--out", str(tmp_path / "refined")]) == 0
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "refined")
+    assert sum("lora_B" in k for k in model.state_dict()) == 4
+    (tmp_path / "bad.jsonl").write_text('{"input": "a"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:1"):
+        main(["refine", "--adapter", str(start), "--examples", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "x")])
