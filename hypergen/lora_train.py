@@ -31,8 +31,7 @@ LORA_STATE_FILE = "lora.safetensors"
 
 def init_lora(spec: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
     """The trainable tensors ({module}.A, {module}.B) of a no-op LoRA, as PEFT starts one."""
-    start = noop_lora(spec, torch.Generator().manual_seed(seed))
-    return {f"{m}.{w}": t for m, (a, b) in start.items() for w, t in (("A", a), ("B", b))}
+    return _flat(noop_lora(spec, torch.Generator().manual_seed(seed)))
 
 
 def flat_lora(adapter: Adapter, spec: LoraSpec) -> dict[str, torch.Tensor]:
@@ -42,7 +41,12 @@ def flat_lora(adapter: Adapter, spec: LoraSpec) -> dict[str, torch.Tensor]:
             f"the adapter has rank {adapter.rank} on {adapter.target_modules}; training expects rank {spec.rank} on "
             f"{list(spec.target_modules)}", "adapter",
         )
-    return {f"{m}.{w}": t.clone() for m, (a, b) in adapter.stacked().items() for w, t in (("A", a), ("B", b))}
+    return _flat(adapter.stacked())
+
+
+def _flat(stacked: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{module: (A, B)} -> {'{module}.A': A, '{module}.B': B}, the trainable tensors' names."""
+    return {f"{m}.{w}": t for m, (a, b) in stacked.items() for w, t in (("A", a), ("B", b))}
 
 
 def to_adapter(params: dict[str, torch.Tensor], spec: LoraSpec, base_model: str) -> Adapter:

@@ -91,8 +91,11 @@ class JobService:
     settings: Settings
     work_root: Path
     _local: dict[str, JobRecord] = field(default_factory=dict, init=False)  # this replica's jobs
-    _tasks: dict[str, asyncio.Task] = field(default_factory=dict, init=False)
-    _slots: asyncio.Semaphore | None = field(default=None, init=False)
+    _tasks: dict[str, asyncio.Task] = field(default_factory=dict, init=False)  # queued or running here
+    _slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.settings.max_refine_jobs)
 
     # --- what the routes call -------------------------------------------------
 
@@ -109,11 +112,11 @@ class JobService:
         if cached is not None:  # the same request ran before: answered from the cache
             await self._finish(job, "done", adapter=cached, steps_done=body.steps)
             return job.answer()
-        active = sum(1 for j in self._local.values() if j.status not in FINISHED)
-        if active >= self.settings.max_refine_jobs + self.settings.max_queued_jobs:
-            raise EngineBusy(f"{active} refine jobs are running or queued on this replica; retry later")
+        if len(self._tasks) >= self.settings.max_refine_jobs + self.settings.max_queued_jobs:
+            raise EngineBusy(f"{len(self._tasks)} refine jobs are running or queued on this replica; retry later")
         await self._save(job)
-        self._tasks[job_id] = asyncio.create_task(self._run(job, parent, body))
+        task = self._tasks[job_id] = asyncio.create_task(self._run(job, parent, body))
+        task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
         return job.answer()
 
     async def get(self, job_id: str) -> JobOut:
@@ -126,7 +129,7 @@ class JobService:
         answer = job.answer()
         if answer.status in FINISHED:
             raise ApiError(409, "job_finished", f"the job is already {answer.status}", "job_id")
-        if job_id in self._local:
+        if job_id in self._tasks:
             await self._finish(self._local[job_id], "cancelled")
             self._tasks[job_id].cancel()
             return self._local[job_id].answer()
@@ -146,10 +149,9 @@ class JobService:
                 return
             job.status = "running"
             await self._save(job)
-            train = body.examples
             save_peft_blob(parent.blob, work / "parent")
             spec = {"work_dir": str(work), "instruction": parent.instruction, "steps": body.steps, "lr": body.lr,
-                    "examples": [e.model_dump() for e in train]}
+                    "examples": [e.model_dump() for e in body.examples]}
             process = multiprocessing.get_context("spawn").Process(target=run_job, args=(spec,), daemon=True)
             process.start()
             while process.is_alive():
@@ -165,7 +167,7 @@ class JobService:
             if process.exitcode != 0:
                 await self._finish(job, "failed", error=_child_error(work, process.exitcode))
                 return
-            record = await self._store(job, parent, len(train), work)
+            record = await self._store(job, parent, len(body.examples), work)
             holdout = await self._holdout(parent, record, body.holdout) if body.holdout else None
             await self._finish(job, "done", adapter=record, holdout=holdout)
         except asyncio.CancelledError:
@@ -183,8 +185,6 @@ class JobService:
     async def _wait_for_slot(self, job: JobRecord) -> bool:
         """Waits its turn, refreshing its heartbeat so other replicas see it alive; False if
         it was cancelled meanwhile (no slot taken)."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.settings.max_refine_jobs)
         while True:
             try:
                 await asyncio.wait_for(self._slots.acquire(), STALE_S / 3)
@@ -279,9 +279,10 @@ class JobService:
         return job
 
     async def close(self) -> None:
-        for task in self._tasks.values():
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _child_error(work: Path, exitcode: int | None) -> ErrorBody:
