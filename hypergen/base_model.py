@@ -78,12 +78,28 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_base_model(name))
 
 
-def load_model(name: str, dtype: str = "bfloat16"):
-    """The frozen base model in eval mode, no gradients."""
+def compute_dtype(requested: str = "auto") -> str:
+    """``auto`` becomes bfloat16 where the hardware computes it natively (a CUDA GPU, a CPU with
+    AVX512-BF16 or AMX), else float32; any other value is returned as is.
+
+    Why: without native support torch emulates bf16, and one matmul of a 512x576 block with the
+    576x1536 MLP weight took 772 ms in bf16 against 7.3 ms in float32 on an AVX2-only EPYC: a
+    training step went from seconds to minutes.
+    """
+    if requested != "auto":
+        return requested
+    import torch
+
+    native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native else "float32"
+
+
+def load_model(name: str, dtype: str = "auto"):
+    """The frozen base model in eval mode, no gradients (``dtype``: see ``compute_dtype``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_base_model(name), dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(resolve_base_model(name), dtype=getattr(torch, compute_dtype(dtype)))
     model.eval().requires_grad_(False)
     return model
 

@@ -20,7 +20,8 @@ from hypergen.errors import CheckpointError
 from hypergen.hypernet import HyperNetConfig, HyperNetwork
 from hypergen.settings import DEFAULT_BASE_MODEL, DEFAULT_CHECKPOINT, DEFAULT_ENCODER
 from hypergen.spec import LoraSpec
-from hypergen.task import Task, task_hash
+from hypergen.selection import PoolSelector, Selection
+from hypergen.task import Demo, Task, task_hash
 from hypergen.task_items import encode_tasks
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class HyperGenerator:
         self.base_model = base_model
         self.checkpoint = checkpoint
         self.device = device
+        self._selector: PoolSelector | None = None
 
     @classmethod
     def from_pretrained(
@@ -113,6 +115,22 @@ class HyperGenerator:
 
     def generate(self, task: Task) -> Adapter:
         return self.generate_many([task])[0]
+
+    @property
+    def selector(self) -> PoolSelector:
+        """Chooses pool demos per input (keeps pools' embeddings; made on first use)."""
+        if self._selector is None:
+            self._selector = PoolSelector(self.encoder)
+        return self._selector
+
+    def generate_for(self, inputs: Sequence[str], pool: Sequence[Demo], k: int = 4, by: str = "nearest",
+                     instruction: str = "", seed: int = 0) -> list[Adapter]:
+        """One adapter per input, from the ``k`` pool demos chosen for it (see ``hypergen.selection``);
+        inputs that choose the same demos get the same adapter, generated once."""
+        tasks = self.selector.tasks_for(instruction, (), pool, inputs, Selection(k, by, seed))
+        distinct = {self.task_hash(t): t for t in tasks}
+        made = dict(zip(distinct, self.generate_many(list(distinct.values()))))
+        return [made[self.task_hash(t)] for t in tasks]
 
     @torch.inference_mode()
     def generate_many(self, tasks: Sequence[Task]) -> list[Adapter]:

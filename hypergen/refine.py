@@ -49,11 +49,14 @@ def refine(
     batch_size: int = 8,
     seed: int = 0,
     work_dir: str | Path | None = None,
+    from_weights: bool = True,
 ) -> Adapter:
     """The adapter fine-tuned on ``examples`` (prompts: ``instruction`` + each input, as served;
     pass the instruction the adapter was generated for).
 
     ``work_dir`` keeps the run's log and resumable state (a temporary folder otherwise).
+    ``from_weights=False`` runs the same training from PEFT's default start (A random, B zero)
+    with the adapter's shape: the baseline that shows what the generated start is worth.
     """
     from hypergen.lora_train import train_lora
     from hypergen.train import TrainConfig
@@ -65,7 +68,8 @@ def refine(
     )
     task = TaskData("refine", instruction, [], [Instance(e.input, (e.output,)) for e in examples])
     with tempfile.TemporaryDirectory(prefix="hypergen-refine-") as tmp:
-        folder = train_lora([task], Path(work_dir or tmp), config, steps, batch_size=batch_size, lr=lr, start=adapter)
+        folder = train_lora([task], Path(work_dir or tmp), config, steps, batch_size=batch_size, lr=lr,
+                            start=adapter if from_weights else None)
         refined = Adapter.load_peft(folder)
     refined.base_model = adapter.base_model
     return refined

@@ -50,17 +50,30 @@ class Settings(BaseSettings):
     adapter_dir: Path | None = Field(
         default=None, description="Where PEFT folders for the engine go; default /dev/shm or $home."
     )
-    dtype: str = Field(default="auto", description="Engine dtype: auto (the model's, bf16 here), bfloat16, float32.")
+    dtype: str = Field(default="auto", description="Engine dtype: auto (bf16 on a GPU or a CPU that computes bf16 natively, else float32), bfloat16, float32.")
     max_adapter_dirs: int = Field(default=512, ge=1, description="PEFT folders kept in adapter_dir (oldest pruned).")
     max_loras: int = Field(default=8, ge=1, description="Adapters in one engine batch.")
+    max_lora_rank: int | None = Field(
+        default=None, ge=1,
+        description="The engine's largest LoRA rank (vLLM: 8, 16, 32, 64...); unset: the hypernetwork's. "
+        "Higher admits 'cat' compositions but costs every LoRA batch: the engine pads to it.")
     max_cpu_loras: int = Field(default=64, ge=1, description="Adapters kept loaded in the engine.")
     max_model_len: int = Field(default=2048, ge=128)
+    gpu_memory_utilization: float = Field(
+        default=0.5, gt=0, le=0.95,
+        description="Share of the GPU vLLM may take (weights + KV cache). vLLM's own default (0.9) leaves no room "
+        "for the hypernetwork beside it or for a second replica on the same GPU.")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="Sequences vLLM runs at once; unset: vLLM's default.")
     max_concurrent_requests: int = Field(default=64, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_prompt_tokens: int = Field(default=1536, ge=1)
     max_tokens_limit: int = Field(default=512, ge=1)
     kv_cache_gib: float = Field(default=2.0, gt=0)
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = no auth.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys, each a tenant; a key may be given as 'sha256:<hex>' of itself. Empty = no auth, no tenants.")
+    tenant_requests_per_minute: int | None = Field(default=None, ge=1, description="Per key; past it, 429. Unset: no limit.")
+    tenant_max_adapters: int | None = Field(default=None, ge=1, description="Adapters one key may hold; past it, 429. Unset: no limit.")
     max_refine_jobs: int = Field(default=1, ge=1, description="Refine jobs training at once on this replica (one process each).")
     max_queued_jobs: int = Field(default=4, ge=0, description="Refine jobs waiting beyond those; past them, 503.")
 

@@ -51,7 +51,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from hypergen.base_model import load_model, load_tokenizer
+from hypergen.base_model import compute_dtype, load_model, load_tokenizer
 from hypergen.batching import LMBatch, length_buckets, lm_loss, make_batch
 from hypergen.adapter import PEFT_CONFIG_FILE, Adapter
 from hypergen.data import TaskData, load_jsonl_tasks, load_sni
@@ -126,7 +126,8 @@ class TrainConfig(BaseModel):
     grad_clip: float = 1.0
     reg_weight: float = 1e-3
     anchor_weight: float = 0.0
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto", description="base model's compute dtype; auto: bf16 where the hardware has it, else float32")
     checkpoint_every: int = 25
     rewarm_steps: int = Field(default=10, description="lr warm-up after resuming from bf16 weights without optimizer state")
     seed: int = 0
@@ -420,7 +421,7 @@ class Trainer:
             "lr": self.config.lr,
             "reg_weight": self.config.reg_weight,
             "anchor_weight": self.config.anchor_weight,
-            "dtype": self.config.dtype,
+            "dtype": compute_dtype(self.config.dtype),
         }
         return self.net.save(self.run_dir / "checkpoint", dtype=torch.bfloat16)
 

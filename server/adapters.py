@@ -18,27 +18,31 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from hypergen import prompts
-from hypergen.adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, save_peft_blob, verify_blob
+from hypergen.adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, Adapter, save_peft_blob, verify_blob
+from hypergen.compose import ComposeError, check_weights, compose, composed_rank, composition_id
 from hypergen.errors import CorruptAdapterError
 from hypergen.generator import HyperGenerator
-from hypergen.task import TASK_HASH_PATTERN, Task
+from hypergen.selection import Selection
+from hypergen.task import TASK_HASH_PATTERN, Demo, Task
 from server.cache import CacheEntry, MemoryCache, RedisCache
 from server.errors import ApiError
 from hypergen.engines import Engine, LoadedAdapter
 from server.metrics import Metrics
-from server.schemas import AdapterMeta, AdapterOut
+from server.schemas import AdapterMeta, AdapterOut, Composition, WeightedAdapter, utc_now
+from server.tenants import Tenants, can_delete, can_read, scoped_id
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(TASK_HASH_PATTERN)
-LOCK_TTL_MS = 30_000
+LOCK_TTL_MS = 30_000  # renewed every third of it while the run lasts; a replica that dies lets it lapse
+MAX_WAIT_S = 300.0
+MAX_LISTED = 1000  # adapters /v1/models lists at most  # the longest a replica waits on another's (renewed) lock before computing itself
 PRUNE_GRACE_S = 60.0  # a folder used this recently is never pruned: the engine may be loading it
 
 
@@ -86,6 +90,9 @@ class AdapterService:
     engine: Engine
     metrics: Metrics
     max_adapter_dirs: int = 512
+    max_rank: int = 8  # the engine's largest LoRA rank: bounds what a composition may have
+    tenants: Tenants | None = None  # owners and quotas (with API keys); every tenant argument is None without
+    lock_ttl_ms: int = LOCK_TTL_MS
     _inflight: dict[str, asyncio.Future[AdapterRecord]] = field(default_factory=dict, init=False)
     # One thread: the hypernetwork uses all cores itself; parallel runs would only contend.
     _executor: ThreadPoolExecutor = field(
@@ -98,42 +105,66 @@ class AdapterService:
 
     # --- what the routes call -------------------------------------------------
 
-    async def create(self, task: Task, warm: bool = False) -> AdapterOut:
+    async def create(self, task: Task, warm: bool = False, tenant: str | None = None, public: bool = False) -> AdapterOut:
         """The adapter for a task, generated or from a cache tier; ``warm`` also writes it for the engine."""
-        record = await self.get_or_create(task)
+        record = await self.get_or_create(task, tenant, public)
         if warm:
             await self.loaded(record)
         return self.describe(record)
 
-    async def get(self, adapter_id: str) -> AdapterOut:
-        return self.describe(await self.require(adapter_id))
+    async def compose(self, parts: list[WeightedAdapter], method: str, instruction: str | None, tenant: str | None = None) -> AdapterOut:
+        return self.describe(await self.composed(parts, method, instruction, tenant=tenant))
 
-    async def weights(self, adapter_id: str) -> bytes:
+    async def get(self, adapter_id: str, tenant: str | None = None) -> AdapterOut:
+        return self.describe(await self.require(adapter_id, tenant=tenant))
+
+    async def weights(self, adapter_id: str, tenant: str | None = None) -> bytes:
         """The PEFT folder as a .tar.gz (built off the event loop)."""
-        return await asyncio.to_thread(weights_archive, await self.require(adapter_id))
+        return await asyncio.to_thread(weights_archive, await self.require(adapter_id, tenant=tenant))
 
-    async def remove(self, adapter_id: str) -> None:
-        """From every tier, the adapter folder and the engine; 404 when no tier had it."""
-        if not await self.delete(adapter_id):
+    async def remove(self, adapter_id: str, tenant: str | None = None) -> None:
+        """From every tier, the adapter folder and the engine; 404 when no tier had it (or the
+        caller may not see it); 403 for a public adapter that another tenant owns."""
+        if tenant is not None:
+            record = await self.require(adapter_id, tenant=tenant)
+            if not can_delete(record.meta, tenant):
+                raise ApiError(403, "not_owner", "a public adapter can be deleted only by the key that made it", "adapter_id")
+            if self.tenants is not None:
+                await self.tenants.disowns(tenant, adapter_id)
+        found = await self.delete(adapter_id)
+        # Announced even when not found here: another replica may still hold it in memory.
+        if self.redis is not None and not await self.redis.publish_delete(adapter_id):
+            raise ApiError(503, "fleet_unreachable", "deleted on this replica, but Redis could not tell the others; "
+                           "send the delete again", None, {"Retry-After": "1"})
+        if not found:
             raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id}", "adapter_id")
 
-    def held_ids(self) -> list[str]:
-        """Adapters this replica holds in memory, least recently used first (for /v1/models)."""
-        return self.memory.keys()
+    async def listed(self, tenant: str | None = None, limit: int = MAX_LISTED) -> list[tuple[str, bool]]:
+        """(adapter id, held by this replica) for the adapters the caller may use: this replica's
+        memory (least recently used first), then the rest of the fleet's from Redis."""
+        metas = {key: entry.meta for key in self.memory.keys() if (entry := self.memory.get(key)) is not None}
+        held = set(metas)
+        if self.redis is not None:
+            for key, meta in ((await self.redis.metas(limit)) or {}).items():
+                metas.setdefault(key, meta)
+        visible = [key for key, meta in metas.items()
+                   if tenant is None or meta.get("public") or meta.get("owner") == tenant]
+        return [(key, key in held) for key in visible[:limit]]
 
-    async def require(self, adapter_id: str, field_name: str = "adapter_id") -> AdapterRecord:
-        """The record for an id from a request (422 for a malformed id, 404 for an unknown one)."""
+    async def require(self, adapter_id: str, field_name: str = "adapter_id", tenant: str | None = None) -> AdapterRecord:
+        """The record for an id from a request (422 for a malformed id, 404 for an unknown one or
+        one the caller may not see: the same answer, so the two cannot be told apart)."""
         if not is_adapter_id(adapter_id):
             raise ApiError(422, "invalid_adapter_id", "an adapter id is 64 lower-case hex characters", field_name)
         record = await self.lookup(adapter_id)
-        if record is None:
+        if record is None or not can_read(record.meta, tenant):
             raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id}; create it with POST /adapters", field_name)
         return record
 
     def describe(self, record: AdapterRecord) -> AdapterOut:
         base = f"/adapters/{record.adapter_id}"
         return AdapterOut(
-            **record.meta.model_dump(),
+            **record.meta.model_dump(exclude={"owner"}),
             prompt_template=prompts.prompt_template(self.tokenizer, record.instruction),
             cached=record.tier is not None,
             cache_tier=record.tier,
@@ -188,16 +219,17 @@ class AdapterService:
 
     # --- get or create ------------------------------------------------------
 
-    async def get_or_create(self, task: Task) -> AdapterRecord:
-        adapter_id = self.generator.task_hash(task)
+    async def get_or_create(self, task: Task, tenant: str | None = None, public: bool = False) -> AdapterRecord:
+        adapter_id = scoped_id(self.generator.task_hash(task), tenant, public)
         record = await self.lookup(adapter_id)
-        if record is not None:
+        if record is not None and can_read(record.meta, tenant):
             return record
         pending = self._inflight.get(adapter_id)
         if pending is None:
+            await self._check_room(tenant)
             # A task of its own: if the request that started it goes away, the work still finishes
             # for the others waiting on it, and for the cache.
-            pending = asyncio.ensure_future(self._create(adapter_id, task))
+            pending = asyncio.ensure_future(self._create(adapter_id, task, tenant, public))
             self._inflight[adapter_id] = pending
             pending.add_done_callback(lambda done: self._finished(adapter_id, done))
         return await asyncio.shield(pending)
@@ -207,49 +239,108 @@ class AdapterService:
         if not done.cancelled():
             done.exception()  # retrieved here, so an error nobody waited for is not logged as lost
 
-    async def _create(self, adapter_id: str, task: Task) -> AdapterRecord:
+    async def _check_room(self, tenant: str | None) -> None:
+        if self.tenants is not None:
+            await self.tenants.check_room(tenant)
+
+    async def _create(self, adapter_id: str, task: Task, owner: str | None = None, public: bool = False) -> AdapterRecord:
         token = None
         if self.redis is not None:
-            token = await self.redis.acquire_lock(adapter_id, LOCK_TTL_MS)
+            token = await self.redis.acquire_lock(adapter_id, self.lock_ttl_ms)
             if token is None and self.redis.available:
                 # Another replica is generating it: wait for its result rather than duplicate work
-                # (or, if it releases its lock without a result, compute it here).
-                found = await self.redis.wait_for(adapter_id, LOCK_TTL_MS / 1000)
+                # (or, if it releases its lock without a result or dies and lets it lapse, compute it here).
+                found = await self.redis.wait_for(adapter_id, MAX_WAIT_S)
             else:
                 # Double-checked: a replica may have finished between our miss and our lock.
                 found = await self.redis.get(adapter_id) if token is not None else None
             record = self._record("redis", adapter_id, found) if found is not None else None
-            if record is not None:
+            if record is not None and can_read(record.meta, owner):
                 if token is not None:
                     await self.redis.release_lock(adapter_id, token)
                 self.memory.put(adapter_id, found)
                 return record
+        renewing = asyncio.create_task(self._keep_lock(adapter_id, token)) if token is not None else None
         try:
             start = time.perf_counter()
-            blob, meta = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_hypernetwork, task)
+            blob, meta = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_hypernetwork, task, adapter_id, owner, public)
             self.metrics.hypernetwork_runs.inc()
             self.metrics.hypernetwork_seconds.observe(time.perf_counter() - start)
             return await self.store(blob, meta)
         finally:
+            if renewing is not None:
+                renewing.cancel()
             if token is not None:
                 await self.redis.release_lock(adapter_id, token)
 
+    async def _keep_lock(self, adapter_id: str, token: str) -> None:
+        """Renews our lock while the run lasts, so a slow run is never started twice in the fleet."""
+        while True:
+            await asyncio.sleep(self.lock_ttl_ms / 3000)
+            if not await self.redis.renew_lock(adapter_id, token, self.lock_ttl_ms):
+                log.warning("lost the lock on %s while generating it; another replica may run it too", adapter_id)
+                return
+
     async def store(self, blob: bytes, meta: AdapterMeta) -> AdapterRecord:
-        """Puts an adapter made elsewhere (a refine job's) in every tier, as a generated one is."""
+        """Puts an adapter (generated, composed, or a refine job's) in every tier; counts it as its owner's."""
         entry = CacheEntry(blob, meta.model_dump())
         self.memory.put(meta.adapter_id, entry)
         if self.redis is not None:
             await self.redis.put(meta.adapter_id, entry)
+        if self.tenants is not None:
+            await self.tenants.owns(meta.owner, meta.adapter_id)
         return AdapterRecord(meta.adapter_id, blob, meta, None)
 
-    def _run_hypernetwork(self, task: Task) -> tuple[bytes, AdapterMeta]:
+    async def composed(self, parts: list[WeightedAdapter], method: str, instruction: str | None,
+                       field_name: str = "parts", tenant: str | None = None) -> AdapterRecord:
+        """The composition of existing adapters (from cache when made before), checked part by part.
+
+        Errors name the part as ``{field_name}.{i}...``: "parts" for /adapters/compose, "adapters"
+        for /generate's inline form.
+        """
+        try:
+            check_weights([p.weight for p in parts])
+            records = [await self.require(p.adapter_id, f"parts.{i}.adapter_id", tenant) for i, p in enumerate(parts)]
+            first = records[0].meta
+            for i, record in enumerate(records):
+                if (record.meta.base_model, record.meta.hypernetwork) != (first.base_model, first.hypernetwork):
+                    raise ComposeError("made for another base model or hypernetwork than the first part", f"parts.{i}.adapter_id")
+            rank = composed_rank([r.meta.rank for r in records], method)
+            if rank > self.max_rank:
+                raise ComposeError(f"{method} gives rank {rank}; the engine takes at most {self.max_rank} "
+                                   "(HYPERGEN_MAX_LORA_RANK); use linear or svd", "method")
+        except (ComposeError, ApiError) as exc:
+            exc.field = exc.field.replace("parts", field_name, 1) if exc.field else exc.field
+            raise
+        instruction = first.instruction if instruction is None else instruction
+        weighted = [(p.adapter_id, p.weight) for p in parts]
+        adapter_id = scoped_id(composition_id(weighted, method, instruction), tenant)
+        record = await self.lookup(adapter_id)
+        if record is not None and can_read(record.meta, tenant):
+            return record
+        await self._check_room(tenant)
+        meta = first.model_copy(update={"owner": tenant, "public": False,
+            "adapter_id": adapter_id, "instruction": instruction, "rank": rank, "num_demos": 0,
+            "created_at": utc_now(), "parent_id": None, "composition": Composition(method=method, parts=parts),
+        })
+        adapter = await asyncio.to_thread(_composed, records, weighted, method, adapter_id)
+        blob = await asyncio.to_thread(adapter.to_bytes)
+        return await self.store(blob, meta.model_copy(update={"alpha": adapter.alpha, "size_bytes": len(blob)}))
+
+    async def pool_tasks(self, instruction: str, own: list[Demo], pool: list[Demo], inputs: list[str], selection: Selection) -> list[Task]:
+        """The task each input gets from a demo pool (the encoder runs on the hypernetwork's thread)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.generator.selector.tasks_for, instruction, own, pool, inputs, selection)
+
+    def _run_hypernetwork(self, task: Task, adapter_id: str, owner: str | None, public: bool) -> tuple[bytes, AdapterMeta]:
         adapter = self.generator.generate(task)
+        adapter.task_hash = adapter_id  # a tenant's own copy carries its scoped id
         blob = adapter.to_bytes()
         meta = AdapterMeta(
-            adapter_id=adapter.task_hash, instruction=task.instruction, base_model=self.generator.base_model,
+            adapter_id=adapter_id, owner=owner, public=public, instruction=task.instruction, base_model=self.generator.base_model,
             hypernetwork=self.generator.fingerprint, rank=adapter.rank, alpha=adapter.alpha,
-            target_modules=adapter.target_modules, size_bytes=len(blob), num_demos=len(task.demos),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            target_modules=adapter.target_modules, size_bytes=len(blob), num_demos=len(task.demos), created_at=utc_now(),
         )
         return blob, meta
 
@@ -302,9 +393,14 @@ class AdapterService:
             shutil.rmtree(old, ignore_errors=True)  # rewritten from the cache if asked for again
 
     async def delete(self, adapter_id: str) -> bool:
-        found = self.memory.delete(adapter_id)
+        found = await self._drop_local(adapter_id)
         if self.redis is not None:
             found = bool(await self.redis.delete(adapter_id)) or found
+        return found
+
+    async def _drop_local(self, adapter_id: str) -> bool:
+        """This replica's copies: memory, folder, engine."""
+        found = self.memory.delete(adapter_id)
         path = self.adapter_dir / adapter_id
         if path.exists():
             found = True
@@ -312,8 +408,33 @@ class AdapterService:
         await self.engine.remove_adapter(adapter_id)
         return found
 
+    async def follow_deletes(self) -> None:
+        """Drops what other replicas delete, as they announce it (runs for the server's life).
+
+        After a gap in the subscription (Redis away), announcements may have been missed: every
+        memory entry Redis no longer has is dropped too (re-created on demand; a refined adapter
+        made while Redis was away is lost with it).
+        """
+        if self.redis is None:
+            return
+        async for adapter_id in self.redis.deleted_ids():
+            try:
+                if adapter_id is not None:
+                    await self._drop_local(adapter_id)
+                    continue
+                for held in self.memory.keys():
+                    if self.redis.available and not await self.redis.exists(held):
+                        await self._drop_local(held)
+            except Exception:  # one bad message never stops the follower
+                log.exception("could not apply a delete announcement")
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _composed(records: list[AdapterRecord], weighted: list[tuple[str, float]], method: str, adapter_id: str) -> Adapter:  # blocking
+    parts = [(Adapter.from_bytes(r.blob), weight) for r, (_, weight) in zip(records, weighted)]
+    return compose(parts, method, task_hash=adapter_id)
 
 
 def weights_archive(record: AdapterRecord) -> bytes:  # blocking: call through a thread

@@ -42,6 +42,7 @@ async def build_state(settings: Settings):
     from server.jobs import JobService
     from server.metrics import Metrics
     from server.state import ServerState
+    from server.tenants import Tenants
 
     generator = await asyncio.to_thread(
         HyperGenerator.from_pretrained, settings.checkpoint, settings.base_model, settings.device
@@ -49,30 +50,36 @@ async def build_state(settings: Settings):
     base_name = generator.base_model
     model_path = resolve_base_model(base_name)
     tokenizer = load_tokenizer(base_name)
-    engine = create_engine(settings, model_path, generator.spec.rank)
+    max_rank = max(settings.max_lora_rank or 0, generator.spec.rank)
+    engine = create_engine(settings, model_path, max_rank)
     await engine.start()
     metrics = Metrics()
     redis = RedisCache(settings.redis_url, settings.redis_prefix, settings.redis_ttl_s) if settings.redis_url else None
     if redis is not None and not await redis.ping():
         log.warning("redis at %s is unreachable; starting degraded", settings.redis_url)
+    tenants = Tenants(settings, redis)
     adapters = AdapterService(
         generator, tokenizer, MemoryCache(settings.memory_cache_bytes), redis, default_adapter_dir(settings), engine, metrics,
-        settings.max_adapter_dirs,
+        settings.max_adapter_dirs, max_rank, tenants,
     )
     generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)
     adapter_dir = adapters.adapter_dir
     jobs = JobService(adapters, generation, redis, settings, private_dir(adapter_dir.with_name(adapter_dir.name + "-jobs")))
-    return ServerState(settings, generator, engine, adapters, generation, jobs, redis, metrics, base_name, int(time.time()))
+    return ServerState(settings, generator, engine, adapters, generation, jobs, tenants, redis, metrics, base_name, int(time.time()))
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    import asyncio
+
     state = await build_state(app.state.settings)
     app.state.hypergen = state
+    following = asyncio.create_task(state.adapters.follow_deletes())  # deletes made on other replicas
     log.info("hypergen ready: engine=%s base=%s", state.engine.name, state.base_name)
     try:
         yield
     finally:
+        following.cancel()
         app.state.hypergen = None
         await state.jobs.close()
         state.adapters.close()

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,54 @@ class RedisCache:
         value = await self._call("get", lambda: self._client.get(self._key(kind, key)), None)
         return value.decode() if isinstance(value, bytes) else value
 
+    async def metas(self, limit: int) -> dict[str, dict] | None:
+        """Up to ``limit`` adapters in Redis (any replica's) and their metadata; None when Redis fails."""
+        async def scan():
+            pattern, found = self._key("adapter", "*"), {}
+            async for raw in self._client.scan_iter(match=pattern, count=500):
+                key = raw.decode() if isinstance(raw, bytes) else raw
+                found[key] = None
+                if len(found) >= limit:
+                    break
+            keys = list(found)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hget(key, "meta")
+                values = await pipe.execute()
+            out = {}
+            for key, value in zip(keys, values):
+                try:
+                    out[key.removeprefix(self._key("adapter", ""))] = json.loads(value) if value else {}
+                except ValueError:
+                    continue
+            return out
+
+        return await self._call("scan", scan, None)
+
+    async def count(self, kind: str, key: str, ttl_s: int) -> int | None:
+        """Adds one to a counter that expires ``ttl_s`` after its first use; None when Redis fails."""
+        async def bump():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.incr(self._key(kind, key))
+                pipe.expire(self._key(kind, key), ttl_s, nx=True)
+                return (await pipe.execute())[0]
+
+        return await self._call("count", bump, None)
+
+    async def add_member(self, kind: str, key: str, member: str) -> bool:
+        return bool(await self._call("sadd", lambda: self._client.sadd(self._key(kind, key), member), 0))
+
+    async def remove_member(self, kind: str, key: str, member: str) -> bool:
+        return bool(await self._call("srem", lambda: self._client.srem(self._key(kind, key), member), 0))
+
+    async def members(self, kind: str, key: str) -> set[str] | None:
+        """The set's members; None when Redis fails."""
+        found = await self._call("smembers", lambda: self._client.smembers(self._key(kind, key)), None)
+        return None if found is None else {m.decode() if isinstance(m, bytes) else m for m in found}
+
+    async def exists(self, key: str) -> bool:
+        return bool(await self._call("exists", lambda: self._client.exists(self._key("adapter", key)), 0))
+
     async def acquire_lock(self, key: str, ttl_ms: int) -> str | None:
         """A short cross-replica lock so only one replica runs the hypernetwork for a task."""
         token = uuid.uuid4().hex
@@ -148,6 +196,39 @@ class RedisCache:
             "lock", lambda: self._client.set(self._key("lock", key), token, nx=True, px=ttl_ms), None
         )
         return token if ok else None
+
+    async def renew_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Extends our own lock (False when it is no longer ours, or Redis failed)."""
+        script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+        return bool(await self._call("renew", lambda: self._client.eval(script, 1, self._key("lock", key), token, ttl_ms), 0))
+
+    async def publish_delete(self, key: str) -> bool:
+        """Tells every replica that an adapter is gone (False when Redis could not be reached)."""
+        return await self._call("publish", lambda: self._client.publish(self._key("events", "deleted"), key), None) is not None
+
+    async def deleted_ids(self) -> AsyncIterator[str | None]:
+        """Adapter ids deleted anywhere in the fleet, as they are announced. Yields None each time
+        the subscription is (re)made: deletes announced while it was down were missed."""
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._key("events", "deleted"))
+                yield None
+                while True:
+                    message = await pubsub.get_message(timeout=0.25)  # below the socket timeout
+                    if message is not None and message.get("type") == "message":
+                        data = message["data"]
+                        yield data.decode() if isinstance(data, bytes) else data
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: subscribe again once it is back
+                log.warning("delete announcements interrupted (%s); resubscribing", exc)
+                await asyncio.sleep(self.backoff_s)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:
+                    pass
 
     async def release_lock(self, key: str, token: str) -> None:
         script = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -160,7 +241,7 @@ class RedisCache:
         entry (that replica's write failed, or it gave up), when Redis fails, or at the timeout
         (the lock's TTL: a replica that died mid-run).
         """
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_s  # a cap; a live holder renews its lock meanwhile
         while time.monotonic() < deadline and self.available:
             entry = await self.get(key)
             if entry is not None:

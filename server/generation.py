@@ -22,12 +22,14 @@ from hypergen import prompts
 from hypergen.engines import Engine, EngineBusy, GenerationChunk, GenerationRequest
 from hypergen.errors import TaskError
 from hypergen.settings import Settings
-from hypergen.task import Task
+from hypergen.selection import Selection
+from hypergen.task import Demo, Task
 from server.adapters import AdapterRecord, AdapterService
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.schemas import (
-    ErrorBody, GenerateManyOut, GenerateOut, GenerateRequest, InputResult, Message, SamplingIn, TaskIn, usage,
+    ErrorBody, GenerateManyOut, GenerateOut, GenerateRequest, InputResult, Message, PooledTaskIn, SamplingIn, SelectIn, TaskIn,
+    WeightedAdapter, usage,
 )
 
 log = logging.getLogger(__name__)
@@ -116,8 +118,10 @@ class GenerationService:
 
     # --- what to generate with ----------------------------------------------
 
-    async def target(self, adapter_id: str | None, task: TaskIn | None, use_adapter: bool = True, field_name: str = "adapter_id") -> Target:
-        """The adapter for an id or an inline task (created on demand), and its instruction.
+    async def target(self, adapter_id: str | None, task: TaskIn | None, use_adapter: bool = True, field_name: str = "adapter_id",
+                     adapters: list[WeightedAdapter] | None = None, tenant: str | None = None) -> Target:
+        """The adapter for an id, an inline task (created on demand) or inline weighted adapters
+        (composed on demand, linearly), and its instruction.
 
         With ``use_adapter`` false the instruction is still looked up (prompts for 'input' are
         the same), but no adapter is created or loaded: the base model answers.
@@ -128,18 +132,21 @@ class GenerationService:
             parsed = task_from(task, "task.")
             instruction = parsed.instruction
             if use_adapter:
-                record = await self.adapters.get_or_create(parsed)
-        elif adapter_id is not None:
-            found = await self.adapters.require(adapter_id, field_name)
+                record = await self.adapters.get_or_create(parsed, tenant)
+        elif adapters is not None or adapter_id is not None:
+            if adapters is not None:
+                found = await self.adapters.composed(adapters, "linear", None, field_name="adapters", tenant=tenant)
+            else:
+                found = await self.adapters.require(adapter_id, field_name, tenant)
             instruction = found.instruction
             record = found if use_adapter else None
         return Target(record, instruction, (time.perf_counter() - start) * 1000)
 
-    async def model_target(self, model: str) -> Target:
+    async def model_target(self, model: str, tenant: str | None = None) -> Target:
         """OpenAI's ``model``: the base model's name, or an adapter id (prompts stay raw)."""
         if model == self.base_name:
             return Target(None, "", 0.0)
-        return await self.target(model, None, field_name="model")
+        return await self.target(model, None, field_name="model", tenant=tenant)
 
     # --- prompts --------------------------------------------------------------
 
@@ -184,15 +191,20 @@ class GenerationService:
 
     # --- the native /generate ----------------------------------------------------
 
-    async def generate(self, body: GenerateRequest) -> GenerateOut | GenerateManyOut | Stream:
+    async def generate(self, body: GenerateRequest, tenant: str | None = None) -> GenerateOut | GenerateManyOut | Stream:
         """One answer, answers for ``inputs``, or a stream: the whole native request in one call.
 
         ``input``/``inputs`` get the task's own prompt (what the adapter was trained on);
         ``prompt``/``messages`` go to the engine raw.
         """
-        target = await self.target(body.adapter_id, body.task, body.use_adapter)
+        if body.task is not None and body.task.demo_pool is not None:
+            targets = await self.pooled_targets(body.task, body.inputs or [body.input or ""], body.use_adapter, tenant)
+        else:
+            target = await self.target(body.adapter_id, body.task, body.use_adapter, adapters=body.adapters, tenant=tenant)
+            targets = [target] * len(body.inputs or [None])
         if body.inputs is not None:
-            return await self._generate_many(target, body)
+            return await self._generate_many(targets, body)
+        target = targets[0]
         if body.input is not None:
             ids, field_name = self.input_ids(target, body.input), "input"
         else:
@@ -207,11 +219,28 @@ class GenerationService:
             timings=timings(target, result.queue_ms, result.generate_ms),
         )
 
-    async def _generate_many(self, target: Target, body: GenerateRequest) -> GenerateManyOut:
+    async def pooled_targets(self, task: PooledTaskIn, inputs: list[str], use_adapter: bool, tenant: str | None) -> list[Target]:
+        """Each input's target: the adapter of the task with the demos its pool picks for it
+        (created on demand; inputs that pick the same demos share one)."""
+        start = time.perf_counter()
+        select = task.select or SelectIn()
+        own, pool = ([Demo(d.input, d.output) for d in demos] for demos in (task.demos, task.demo_pool or []))
+        try:
+            tasks = await self.adapters.pool_tasks(task.instruction, own, pool, inputs, Selection(select.k, select.by, select.seed))
+        except TaskError as exc:
+            raise ApiError(422, exc.code, exc.message, f"task.{exc.field}" if exc.field else "task") from None
+        records: dict[Task, AdapterRecord | None] = dict.fromkeys(tasks)
+        if use_adapter:
+            made = await asyncio.gather(*(self.adapters.get_or_create(t, tenant) for t in records))
+            records = dict(zip(records, made))
+        adapter_ms = (time.perf_counter() - start) * 1000
+        return [Target(records[t], task.instruction, adapter_ms) for t in tasks]
+
+    async def _generate_many(self, targets: list[Target], body: GenerateRequest) -> GenerateManyOut:
         """Every input into the engine together; an input that fails carries its error, the rest answer."""
         start = time.perf_counter()
         batch: list[Prepared | ApiError] = []
-        for i, text in enumerate(body.inputs or []):
+        for i, (text, target) in enumerate(zip(body.inputs or [], targets)):
             try:
                 batch.append(await self.prepare(self.input_ids(target, text), target, body, field_name=f"inputs.{i}"))
             except ApiError as exc:
@@ -226,14 +255,16 @@ class GenerationService:
                 prompt_total += item.prompt_tokens
                 completion_total += outcome.completion_tokens
                 results.append(InputResult(
-                    text=outcome.text, finish_reason=outcome.finish_reason, usage=usage(item.prompt_tokens, outcome.completion_tokens)
+                    text=outcome.text, finish_reason=outcome.finish_reason, usage=usage(item.prompt_tokens, outcome.completion_tokens),
+                    adapter_id=item.adapter_id,
                 ))
             elif isinstance(outcome, ApiError):
                 results.append(InputResult(error=ErrorBody(code=outcome.code, message=outcome.message, field=outcome.field)))
         queue_ms = max((o.queue_ms for o in outcomes if isinstance(o, Result)), default=0.0)
+        served = {t.adapter_id for t in targets}
         return GenerateManyOut(
-            adapter_id=target.adapter_id, results=results, usage=usage(prompt_total, completion_total),
-            timings=timings(target, queue_ms, (time.perf_counter() - start) * 1000),
+            adapter_id=served.pop() if len(served) == 1 else None, results=results, usage=usage(prompt_total, completion_total),
+            timings=timings(targets[0], queue_ms, (time.perf_counter() - start) * 1000),
         )
 
     async def _native_events(self, prepared: Prepared) -> AsyncIterator[dict]:

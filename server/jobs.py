@@ -28,7 +28,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,8 @@ from server.adapters import AdapterRecord, AdapterService
 from server.cache import RedisCache
 from server.errors import ApiError
 from server.generation import GenerationService, Result, Target
-from server.schemas import AdapterMeta, ErrorBody, HoldoutScores, JobOut, RefineRequest, SamplingIn
+from server.schemas import AdapterMeta, ErrorBody, HoldoutScores, JobOut, RefineRequest, SamplingIn, utc_now
+from server.tenants import can_read, scoped_id
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class JobRecord(JobOut):
 
     heartbeat: float = 0.0
     cancel_requested: bool = False
+    tenant: str | None = None  # the key that started it (with API keys): no other key sees the job
 
     def answer(self) -> JobOut:
         if self.status not in FINISHED and time.time() - self.heartbeat > STALE_S:
@@ -70,10 +71,6 @@ class JobRecord(JobOut):
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(include=set(JobOut.model_fields))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def refined_id(parent_id: str, body: RefineRequest) -> str:
@@ -99,19 +96,21 @@ class JobService:
 
     # --- what the routes call -------------------------------------------------
 
-    async def submit(self, parent_id: str, body: RefineRequest) -> JobOut:
-        parent = await self.adapters.require(parent_id, "adapter_id")
-        job_id, target_id = uuid.uuid4().hex, refined_id(parent_id, body)
-        now = _now()
+    async def submit(self, parent_id: str, body: RefineRequest, tenant: str | None = None) -> JobOut:
+        parent = await self.adapters.require(parent_id, "adapter_id", tenant)
+        job_id, target_id = uuid.uuid4().hex, scoped_id(refined_id(parent_id, body), tenant)
+        now = utc_now()
         job = JobRecord(
             job_id=job_id, status="queued", parent_id=parent_id, adapter_id=target_id, steps_total=body.steps,
-            created_at=now, updated_at=now, heartbeat=time.time(),
+            created_at=now, updated_at=now, heartbeat=time.time(), tenant=tenant,
             links={"self": f"/jobs/{job_id}", "parent": f"/adapters/{parent_id}"},
         )
         cached = await self.adapters.lookup(target_id)
-        if cached is not None:  # the same request ran before: answered from the cache
+        if cached is not None and can_read(cached.meta, tenant):  # the same request ran before: answered from the cache
             await self._finish(job, "done", adapter=cached, steps_done=body.steps)
             return job.answer()
+        if self.adapters.tenants is not None:
+            await self.adapters.tenants.check_room(tenant)
         if len(self._tasks) >= self.settings.max_refine_jobs + self.settings.max_queued_jobs:
             raise EngineBusy(f"{len(self._tasks)} refine jobs are running or queued on this replica; retry later")
         await self._save(job)
@@ -119,13 +118,13 @@ class JobService:
         task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
         return job.answer()
 
-    async def get(self, job_id: str) -> JobOut:
-        return (await self._require(job_id)).answer()
+    async def get(self, job_id: str, tenant: str | None = None) -> JobOut:
+        return (await self._require(job_id, tenant)).answer()
 
-    async def cancel(self, job_id: str) -> JobOut:
+    async def cancel(self, job_id: str, tenant: str | None = None) -> JobOut:
         """Cancels and deletes a queued or running job (on whichever replica runs it); answers its
         last state. A job that has finished cannot be cancelled (409); a cancelled one is gone (404)."""
-        job = await self._require(job_id)
+        job = await self._require(job_id, tenant)
         answer = job.answer()
         if answer.status in FINISHED:
             raise ApiError(409, "job_finished", f"the job is already {answer.status}", "job_id")
@@ -134,7 +133,7 @@ class JobService:
             self._tasks[job_id].cancel()
             return self._local[job_id].answer()
         job.cancel_requested = True  # the owning replica sees it at its next poll
-        job.status, job.updated_at = "cancelled", _now()
+        job.status, job.updated_at = "cancelled", utc_now()
         await self._save(job)
         return job.answer()
 
@@ -221,7 +220,7 @@ class JobService:
         blob = refined.to_bytes()
         meta = AdapterMeta(**{
             **parent.meta.model_dump(), "adapter_id": job.adapter_id, "size_bytes": len(blob), "num_demos": n_examples,
-            "created_at": _now(), "parent_id": parent.adapter_id,
+            "created_at": utc_now(), "parent_id": parent.adapter_id, "owner": job.tenant, "public": False, "composition": None,
         })
         return await self.adapters.store(blob, meta)
 
@@ -257,7 +256,7 @@ class JobService:
     # --- state ----------------------------------------------------------------
 
     async def _save(self, job: JobRecord) -> None:
-        job.updated_at, job.heartbeat = _now(), time.time()
+        job.updated_at, job.heartbeat = utc_now(), time.time()
         self._local[job.job_id] = job
         if self.redis is not None:
             await self.redis.put_record("job", job.job_id, job.model_dump_json())
@@ -272,9 +271,10 @@ class JobService:
                     log.warning("dropping unreadable job record %s", job_id)
         return self._local.get(job_id)
 
-    async def _require(self, job_id: str) -> JobRecord:
+    async def _require(self, job_id: str, tenant: str | None = None) -> JobRecord:
         job = await self._load(job_id)
-        if job is None or job.status == "cancelled":  # the record stays only to tell its owner to stop
+        # cancelled: the record stays only to tell its replica to stop; another key's: as if unknown
+        if job is None or job.status == "cancelled" or (tenant is not None and job.tenant != tenant):
             raise ApiError(404, "job_not_found", f"no job {job_id}", "job_id")
         return job
 

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Depends
 from server.generation import GenerationService, Prepared
 from server.routes import WITH_BODY, errors, sse
 from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAISampling, usage
-from server.state import ServerState, get_state, require_api_key
+from server.state import ServerState, caller, get_state
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(caller)], tags=["openai"])
 
 
 STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events when stream is true"}}
@@ -47,10 +47,11 @@ COMPLETION = Shape("cmpl", "text_completion", "text_completion", chat=False)
 CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk", chat=True)
 
 
-async def _answer(state: ServerState, shape: Shape, body: OpenAISampling, ids: list[int], max_tokens: int | None, field_name: str):
+async def _answer(state: ServerState, shape: Shape, body: OpenAISampling, ids: list[int], max_tokens: int | None, field_name: str,
+                  tenant: str | None):
     """``model`` is the base model's name or an adapter id; prompts are raw (no task template)."""
     gen = state.generation
-    prepared = await gen.prepare(ids, await gen.model_target(body.model), body, max_tokens, field_name=field_name)
+    prepared = await gen.prepare(ids, await gen.model_target(body.model, tenant), body, max_tokens, field_name=field_name)
     head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         return sse(gen.open_stream(_chunks(gen, prepared, shape, head), done_marker=True))
@@ -73,20 +74,21 @@ async def _chunks(gen: GenerationService, prepared: Prepared, shape: Shape, head
 
 
 @router.post("/completions", responses={**STREAMS, **WITH_BODY, **errors(404)})
-async def completions(body: CompletionRequest, state: ServerState = Depends(get_state)):
-    return await _answer(state, COMPLETION, body, state.generation.raw_ids(body.text(), None), None, "prompt")
+async def completions(body: CompletionRequest, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)):
+    return await _answer(state, COMPLETION, body, state.generation.raw_ids(body.text(), None), None, "prompt", tenant)
 
 
 @router.post("/chat/completions", responses={**STREAMS, **WITH_BODY, **errors(404)})
-async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state)):
+async def chat_completions(body: ChatCompletionRequest, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)):
     ids = state.generation.raw_ids(None, body.messages)
-    return await _answer(state, CHAT, body, ids, body.max_completion_tokens, "messages")
+    return await _answer(state, CHAT, body, ids, body.max_completion_tokens, "messages", tenant)
 
 
 @router.get("/models", response_model=ModelList, responses=errors())
-async def models(state: ServerState = Depends(get_state)) -> ModelList:
-    """The base model, then the adapters this replica holds in memory (most recent last)."""
+async def models(state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)) -> ModelList:
+    """The base model, then the adapters the caller may use: this replica's (``held_here``), then the
+    rest of the fleet's (from Redis; up to 1,000 in all)."""
     cards = [ModelCard(id=state.base_name, created=state.started_at)]
-    for adapter_id in state.adapters.held_ids():
-        cards.append(ModelCard(id=adapter_id, created=state.started_at))
+    for adapter_id, here in await state.adapters.listed(tenant):
+        cards.append(ModelCard(id=adapter_id, created=state.started_at, held_here=here))
     return ModelList(data=cards)

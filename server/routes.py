@@ -6,41 +6,57 @@ import logging
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Path, Request, Response
+from starlette.convertors import StringConvertor, register_url_convertor
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hypergen.task import TASK_HASH_PATTERN
 from server.generation import Slot, Stream, task_from
 from server.schemas import (
-    AdapterOut, AdapterRequest, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest, JobOut, RefineRequest,
+    AdapterOut, AdapterRequest, ComposeRequest, ErrorOut, GenerateManyOut, GenerateOut, GenerateRequest, JobOut, RefineRequest,
 )
-from server.state import ServerState, get_state, require_api_key
+from server.state import ServerState, caller, get_state
 
 
 
 def errors(*codes: int) -> dict[int | str, dict]:
-    """The error statuses a route can answer with (401 and 503 apply to every routed call)."""
-    return {code: {"model": ErrorOut} for code in sorted({401, 503, *codes})}
+    """The error statuses a route can answer with (401, 429 and 503 apply to every routed call)."""
+    return {code: {"model": ErrorOut} for code in sorted({401, 429, 503, *codes})}
 
 
 WITH_BODY = errors(400, 413, 422)  # malformed JSON, body or token limits, invalid fields
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(caller)])
 health = APIRouter()
 log = logging.getLogger(__name__)
+class AdapterSegment(StringConvertor):
+    """An adapter id's path segment: any text but ``compose``, which names its own resource
+    (malformed ids still reach the route, which answers 422 naming the field)."""
+
+    regex = "(?!compose$)[^/]+"
+
+
+register_url_convertor("adapter", AdapterSegment())
 AdapterIdPath = Path(pattern=TASK_HASH_PATTERN, description="64 lower-case hex characters (the task hash).")
 JobIdPath = Path(pattern=r"^[0-9a-f]{32}$", description="32 lower-case hex characters.")
 
 
 @router.post("/adapters", response_model=AdapterOut, tags=["adapters"], responses=WITH_BODY)
-async def create_adapter(body: AdapterRequest, state: ServerState = Depends(get_state)) -> AdapterOut:
+async def create_adapter(body: AdapterRequest, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)) -> AdapterOut:
     """Generates (or finds in cache) the LoRA adapter for a task. The id is the task hash."""
-    return await state.adapters.create(task_from(body), warm=body.options.warm)
+    return await state.adapters.create(task_from(body), warm=body.options.warm, tenant=tenant, public=body.options.public)
 
 
-@router.get("/adapters/{adapter_id}", response_model=AdapterOut, tags=["adapters"], responses=errors(404, 422))
-async def get_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> AdapterOut:
+@router.post("/adapters/compose", response_model=AdapterOut, tags=["adapters"], responses={**WITH_BODY, **errors(404)})
+async def compose_adapters(body: ComposeRequest, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)) -> AdapterOut:
+    """A weighted combination of adapters as a new adapter (id: a hash of the parts, weights,
+    method and instruction); cached and served like any other."""
+    return await state.adapters.compose(body.parts, body.method, body.instruction, tenant)
+
+
+@router.get("/adapters/{adapter_id:adapter}", response_model=AdapterOut, tags=["adapters"], responses=errors(404, 422))
+async def get_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)) -> AdapterOut:
     """The adapter's metadata, with the prompt template for clients that build prompts themselves."""
-    return await state.adapters.get(adapter_id)
+    return await state.adapters.get(adapter_id, tenant)
 
 
 @router.get(
@@ -49,41 +65,41 @@ async def get_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depe
     response_class=Response,
     responses={200: {"content": {"application/gzip": {}}, "description": "PEFT folder as .tar.gz"}, **errors(404, 422)},
 )
-async def get_adapter_weights(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> Response:
+async def get_adapter_weights(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)) -> Response:
     """The PEFT adapter folder as a .tar.gz; unpack and pass to peft.PeftModel.from_pretrained."""
     return Response(
-        await state.adapters.weights(adapter_id),
+        await state.adapters.weights(adapter_id, tenant),
         media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{adapter_id}.tar.gz"'},
     )
 
 
-@router.delete("/adapters/{adapter_id}", status_code=204, tags=["adapters"], responses=errors(404, 422))
-async def delete_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> Response:
-    await state.adapters.remove(adapter_id)
+@router.delete("/adapters/{adapter_id:adapter}", status_code=204, tags=["adapters"], responses=errors(403, 404, 422))
+async def delete_adapter(adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)) -> Response:
+    await state.adapters.remove(adapter_id, tenant)
     return Response(status_code=204)
 
 
 @router.post("/adapters/{adapter_id}/refine", status_code=202, response_model=JobOut, tags=["jobs"], responses={**WITH_BODY, **errors(404)})
-async def refine_adapter(body: RefineRequest, adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state)) -> JobOut:
+async def refine_adapter(body: RefineRequest, adapter_id: str = AdapterIdPath, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)) -> JobOut:
     """Starts a job that fine-tunes the adapter on your examples; follow it at ``links.self``.
 
     The refined adapter's id (``adapter_id``) is known at once: a hash of this adapter, the
     examples and the parameters, so the same request gives the same adapter (from cache).
     """
-    return await state.jobs.submit(adapter_id, body)
+    return await state.jobs.submit(adapter_id, body, tenant)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=errors(404, 422))
-async def get_job(job_id: str = JobIdPath, state: ServerState = Depends(get_state)) -> JobOut:
+async def get_job(job_id: str = JobIdPath, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)) -> JobOut:
     """Status (queued, running, done, failed, cancelled), steps done, the last loss; the adapter when done."""
-    return await state.jobs.get(job_id)
+    return await state.jobs.get(job_id, tenant)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=errors(404, 409, 422))
-async def cancel_job(job_id: str = JobIdPath, state: ServerState = Depends(get_state)) -> JobOut:
+async def cancel_job(job_id: str = JobIdPath, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)) -> JobOut:
     """Cancels and deletes a queued or running job, answering its last state (409 once it has finished)."""
-    return await state.jobs.cancel(job_id)
+    return await state.jobs.cancel(job_id, tenant)
 
 
 @router.post(
@@ -95,14 +111,14 @@ async def cancel_job(job_id: str = JobIdPath, state: ServerState = Depends(get_s
         **WITH_BODY, **errors(404),
     },
 )
-async def generate(body: GenerateRequest, state: ServerState = Depends(get_state)):
+async def generate(body: GenerateRequest, state: ServerState = Depends(get_state), tenant: str | None = Depends(caller)):
     """Generates with an adapter (by id, or from an inline task) or the base model.
 
     ``input``/``inputs`` are answered in the task's own prompt (what the adapter was trained on);
     ``prompt``/``messages`` are sent raw.
     """
     body.check_shape()
-    out = await state.generation.generate(body)
+    out = await state.generation.generate(body, tenant)
     return sse(out) if isinstance(out, Stream) else out
 
 

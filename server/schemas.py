@@ -4,8 +4,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
+from hypergen.compose import MAX_PARTS, METHODS as COMPOSE_METHODS
 from hypergen.refine import MAX_EXAMPLES, MAX_STEPS, MIN_EXAMPLES
+from hypergen.selection import MAX_POOL, METHODS as SELECT_METHODS
 from hypergen.task import MAX_DEMO_FIELD_CHARS, MAX_DEMOS, MAX_INSTRUCTION_CHARS, TASK_HASH_PATTERN
 from server.errors import ApiError
 
@@ -68,13 +71,68 @@ class TaskIn(BaseModel):
     demos: list[DemoIn] = Field(default_factory=list, max_length=MAX_DEMOS)
 
 
+class SelectIn(BaseModel):
+    model_config = STRICT
+    k: json_int(ge=1, le=MAX_DEMOS) = Field(default=4, description="Demos per input (at most the pool's size, 32 with the task's own).")
+    by: Literal[SELECT_METHODS] = Field(
+        default="nearest",
+        description="nearest: the k pool demos whose inputs are most like the input (cosine, task encoder); "
+        "first: the pool's first k; random: one seeded k-subset for the whole request.")
+    seed: Seed = 0
+
+
+class PooledTaskIn(TaskIn):
+    """A task for /generate: its own demos, and optionally a pool to pick more from, per input."""
+
+    model_config = ConfigDict(
+        **STRICT,
+        json_schema_extra={"anyOf": [
+            {"required": ["instruction"], "properties": {"instruction": {"pattern": NOT_BLANK}}},
+            {"required": ["demos"], "properties": {"demos": {"minItems": 1}}},
+            {"required": ["demo_pool"], "properties": {"demo_pool": {"type": "array"}}},
+        ]},
+    )
+    demo_pool: list[DemoIn] | None = Field(
+        default=None, min_length=1, max_length=MAX_POOL,
+        description=f"Up to {MAX_POOL} labelled examples; each input is answered by the adapter of the task "
+        "with the demos 'select' picks for it (inputs that pick the same share one adapter). Needs 'input' or 'inputs'.")
+    select: SelectIn | None = Field(default=None, description="How demos are picked from demo_pool (default k=4, nearest).")
+
+
 class AdapterOptions(BaseModel):
     model_config = STRICT
     warm: bool = Field(default=False, description="Also write the adapter for the engine now, so the first generate is faster.")
+    public: bool = Field(default=False, description="With API keys: every key may use it (read-only); its id is the plain task hash.")
 
 
 class AdapterRequest(TaskIn):
     options: AdapterOptions = Field(default_factory=AdapterOptions)
+
+
+class WeightedAdapter(BaseModel):
+    model_config = STRICT
+    adapter_id: AdapterId
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False, description="A finite number >= 0.")
+
+
+class ComposeRequest(BaseModel):
+    """A weighted combination of adapters as a new adapter (see hypergen.compose for the methods)."""
+
+    model_config = STRICT
+    parts: list[WeightedAdapter] = Field(min_length=1, max_length=MAX_PARTS)
+    method: Literal[COMPOSE_METHODS] = Field(
+        default="linear",
+        description="linear: PEFT's, keeps the rank (parts of one rank); cat: stacked, exact, rank = sum "
+        "(at most the engine's HYPERGEN_MAX_LORA_RANK); svd: the exact sum cut to the largest part rank.",
+    )
+    instruction: str | None = Field(
+        default=None, max_length=MAX_INSTRUCTION_CHARS, description="For prompts around 'input'; default: the first part's."
+    )
+
+
+class Composition(BaseModel):
+    method: str
+    parts: list[WeightedAdapter]
 
 
 class AdapterLinks(BaseModel):
@@ -105,9 +163,13 @@ class AdapterMeta(BaseModel):
     num_demos: int
     created_at: str
     parent_id: str | None = Field(default=None, description="For a refined adapter: the adapter it was refined from.")
+    composition: Composition | None = Field(default=None, description="For a composed adapter: its parts and method.")
+    public: bool = Field(default=False, description="With API keys: readable by every key (only its owner may delete it).")
+    owner: str | None = None  # the tenant that made it (with API keys); kept in the tiers, never shown
 
 
 class AdapterOut(AdapterMeta):
+    owner: SkipJsonSchema[None] = Field(default=None, exclude=True)
     prompt_template: str = Field(
         description="The prompt the adapter was trained on, rendered, with {input} where the input goes: "
         "substitute it and send it as a raw completion prompt to get the answers /generate gives for 'input'."
@@ -179,7 +241,7 @@ SOURCES = ("prompt", "messages", "input", "inputs")
 
 
 class GenerateRequest(SamplingIn):
-    """Exactly one of prompt / messages / input / inputs; at most one of adapter_id / task.
+    """Exactly one of prompt / messages / input / inputs; at most one of adapter_id / task / adapters.
 
     ``input``/``inputs`` are wrapped in the prompt the adapter was trained on (its instruction,
     the chat template); ``prompt``/``messages`` are sent as they are. Neither adapter_id nor task,
@@ -192,6 +254,8 @@ class GenerateRequest(SamplingIn):
             "oneOf": [_given("prompt", "string"), _given("messages", "array"), _given("input", "string"), _given("inputs", "array")],
             "not": {"anyOf": [
                 {"required": ["adapter_id", "task"], "properties": {"adapter_id": {"type": "string"}, "task": {"type": "object"}}},
+                {"required": ["adapter_id", "adapters"], "properties": {"adapter_id": {"type": "string"}, "adapters": {"type": "array"}}},
+                {"required": ["task", "adapters"], "properties": {"task": {"type": "object"}, "adapters": {"type": "array"}}},
                 {"required": ["inputs", "stream"], "properties": {"inputs": {"type": "array"}, "stream": {"const": True}}},
             ]},
         },
@@ -204,7 +268,11 @@ class GenerateRequest(SamplingIn):
         description=f"Up to {MAX_INPUTS} inputs, generated together; answers come back in order. Not with stream.",
     )
     adapter_id: AdapterId | None = None
-    task: TaskIn | None = None
+    task: PooledTaskIn | None = None
+    adapters: list[WeightedAdapter] | None = Field(
+        default=None, min_length=1, max_length=MAX_PARTS,
+        description="Adapters combined on the fly (linear composition, cached like POST /adapters/compose).",
+    )
     use_adapter: bool = Field(
         default=True,
         description="false: the same prompt on the base model (adapter_id or task still give the instruction).",
@@ -216,10 +284,15 @@ class GenerateRequest(SamplingIn):
         if len(given) != 1:
             field = given[1] if given else "input"
             raise ApiError(422, "invalid_request", "give exactly one of 'prompt', 'messages', 'input' or 'inputs'", field)
-        if self.adapter_id is not None and self.task is not None:
-            raise ApiError(422, "invalid_request", "give at most one of 'adapter_id' or 'task'", "task")
+        named = [name for name in ("adapter_id", "task", "adapters") if getattr(self, name) is not None]
+        if len(named) > 1:
+            raise ApiError(422, "invalid_request", "give at most one of 'adapter_id', 'task' or 'adapters'", named[1])
         if self.inputs is not None and self.stream:
             raise ApiError(422, "invalid_request", "'inputs' cannot be streamed; stream one 'input' per request", "stream")
+        if self.task is not None and self.task.select is not None and self.task.demo_pool is None:
+            raise ApiError(422, "invalid_request", "'select' picks from 'demo_pool', which is missing", "task.select")
+        if self.task is not None and self.task.demo_pool is not None and self.input is None and self.inputs is None:
+            raise ApiError(422, "invalid_request", "a demo pool picks demos per input: send 'input' or 'inputs'", "task.demo_pool")
 
 
 class Usage(BaseModel):
@@ -249,10 +322,11 @@ class InputResult(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     error: ErrorBody | None = None
+    adapter_id: str | None = Field(default=None, description="The adapter that answered (per input with a demo pool).")
 
 
 class GenerateManyOut(BaseModel):
-    adapter_id: str | None
+    adapter_id: str | None = Field(description="The adapter that answered every input; null when they differ (demo pools) or none did.")
     results: list[InputResult]
     usage: Usage
     timings: Timings
@@ -294,11 +368,19 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "hypergen"
+    held_here: bool | None = Field(default=None, description="For an adapter: whether the answering replica holds it in memory.")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def utc_now() -> str:
+    """created_at / updated_at values: UTC, ISO 8601, to the second."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:

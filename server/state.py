@@ -1,7 +1,6 @@
 """What the routes depend on, built once at start-up and reached through FastAPI dependencies."""
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -15,6 +14,7 @@ from server.cache import RedisCache
 from server.errors import ApiError
 from server.generation import GenerationService
 from server.jobs import JobService
+from server.tenants import Tenants
 from server.metrics import Metrics
 
 
@@ -26,6 +26,7 @@ class ServerState:
     adapters: AdapterService
     generation: GenerationService
     jobs: JobService
+    tenants: Tenants
     redis: RedisCache | None
     metrics: Metrics
     base_name: str
@@ -42,14 +43,11 @@ def get_state(request: Request) -> ServerState:
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_api_key(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
-) -> None:
-    """Bearer-token check when HYPERGEN_API_KEYS is set; open otherwise."""
-    keys = request.app.state.settings.api_keys
-    if not keys:
-        return
-    offered = credentials.credentials.encode() if credentials is not None else b""
-    # Every key compared, in constant time each: the answer's timing says nothing about the keys.
-    if credentials is None or not any([hmac.compare_digest(offered, key.encode()) for key in keys]):
-        raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <key>' header is required", None, {"WWW-Authenticate": "Bearer"})
+async def caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str | None:
+    """The tenant making the request (None when no API keys are set): 401 for a missing or wrong
+    key, 429 past the key's requests-per-minute quota."""
+    state = get_state(request)
+    tenant = state.tenants.identify(credentials.credentials if credentials is not None else None)
+    await state.tenants.admit(tenant)
+    return tenant
+

@@ -34,16 +34,27 @@ def test_compose_services_and_env_match_the_settings():
     assert redis["healthcheck"]["test"][-1] == "ping"
     assert "--maxmemory-policy" in redis["command"] and "allkeys-lru" in redis["command"]
     assert server["depends_on"]["redis"]["condition"] == "service_healthy"
-    env = server["environment"]
+    env = {k: v for k, v in server["environment"].items() if k.startswith("HYPERGEN_")}
     unknown = set(env) - settings_env_names()
     assert not unknown, f"compose sets variables Settings does not read: {unknown}"
+    assert set(server["environment"]) - set(env) <= {"VLLM_NO_USAGE_STATS", "DO_NOT_TRACK"}
     Settings(**{k.removeprefix("HYPERGEN_").lower(): v for k, v in env.items() if "${" not in str(v)})
+    assert env["HYPERGEN_DEVICE"] == "cuda" and float(env["HYPERGEN_GPU_MEMORY_UTILIZATION"]) <= 0.6
+    assert server["shm_size"] and any(v.endswith(":/root/.cache/vllm") for v in server["volumes"])
     assert env["HYPERGEN_REDIS_URL"].startswith("redis://redis:")
     assert any(t.startswith(env["HYPERGEN_ADAPTER_DIR"] + ":") for t in server["tmpfs"])
     assert any(v.endswith(":" + env["HYPERGEN_HOME"]) for v in server["volumes"])
     device = server["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert server["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+def test_the_gpu_extra_pins_the_vllm_of_the_gpu_image():
+    import tomllib
+
+    base = re.search(r"^FROM vllm/vllm-openai:v(\S+)", (ROOT / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert gpu == [f"vllm=={base}"]  # one tested vLLM on both install paths
 
 
 def test_dockerfiles_pin_their_base_and_start_the_server():

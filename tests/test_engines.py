@@ -75,3 +75,21 @@ def test_mixed_batch_equals_each_request_alone(vllm_llm, prompt, adapter_dirs):
     batched = vllm_greedy(vllm_llm, [prompt] * 3, loras)
     assert alone[1] != alone[0] and alone[2] != alone[1]
     assert batched == alone
+
+
+@pytest.mark.parametrize("cuda, avx512_bf16, amx, expected", [
+    (False, False, False, "float32"),  # e.g. an AVX2-only EPYC: bf16 matmuls ~100x slower than float32
+    (False, True, False, "bfloat16"),
+    (False, False, True, "bfloat16"),
+    (True, False, False, "bfloat16"),
+])
+def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch, cuda, avx512_bf16, amx, expected):
+    import torch
+
+    from hypergen.base_model import compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert compute_dtype("auto") == expected
+    assert compute_dtype("float32") == "float32" and compute_dtype("bfloat16") == "bfloat16"  # explicit wins

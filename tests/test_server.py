@@ -217,11 +217,28 @@ def test_two_replicas_share_adapters_through_redis(client, hf_replica):
         # and the other way round
         made_there = other.post("/adapters", json=new_task("other-way")).json()
         assert other.get(f"/adapters/{made_there['adapter_id']}").status_code == 200
+        fleet = {m["id"]: m for m in client.get("/v1/models").json()["data"]}  # the fleet's, from Redis
+        assert fleet[made_there["adapter_id"]]["held_here"] is False and fleet[created["adapter_id"]]["held_here"] is True
         # The record carries the instruction, so the other replica builds the same prompt.
         assert other.get(f"/adapters/{created['adapter_id']}").json()["prompt_template"] == created["prompt_template"]
         answer = other.post("/generate", json={"input": "big", "adapter_id": created["adapter_id"], "max_tokens": 2})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] > 0
     assert client.get(f"/adapters/{made_there['adapter_id']}").json()["cache_tier"] in ("redis", "memory")
+
+
+def test_a_delete_on_one_replica_holds_on_every_replica(client, hf_replica):
+    adapter_id = client.post("/adapters", json=new_task("fleet delete")).json()["adapter_id"]
+    with hf_replica.client() as other:
+        answer = other.post("/generate", json={"input": "big", "adapter_id": adapter_id, "max_tokens": 2})
+        assert answer.status_code == 200  # the other replica now holds it: memory, folder, engine
+        assert other.get(f"/adapters/{adapter_id}").json()["cache_tier"] == "memory"
+        assert client.delete(f"/adapters/{adapter_id}").status_code == 204
+        deadline = time.monotonic() + 10
+        while other.get(f"/adapters/{adapter_id}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert other.get(f"/adapters/{adapter_id}").status_code == 404
+        gone = other.post("/generate", json={"input": "big", "adapter_id": adapter_id, "max_tokens": 2})
+        assert gone.status_code == 404 and adapter_id not in [m["id"] for m in other.get("/v1/models").json()["data"]]
 
 
 def test_corrupt_redis_entry_is_dropped_and_regenerated(client, hf_replica, redis_client, redis_prefix):
@@ -297,6 +314,64 @@ def test_a_replica_that_releases_its_lock_without_a_result_is_not_waited_for(cli
     assert created.status_code == 200 and created.json()["cached"] is False
 
 
+def test_composition_with_weights_one_and_zero_answers_as_the_first_adapter(client):
+    first = client.post("/adapters", json=new_task("first")).json()
+    second = client.post("/adapters", json=new_task("second")).json()["adapter_id"]
+    parts = [{"adapter_id": first["adapter_id"], "weight": 1}, {"adapter_id": second, "weight": 0}]
+    made = client.post("/adapters/compose", json={"parts": parts})
+    assert made.status_code == 200, made.text
+    composed = made.json()
+    assert composed["cached"] is False and composed["composition"] == {"method": "linear", "parts": parts}
+    assert (composed["rank"], composed["alpha"], composed["instruction"]) == (8, first["alpha"], first["instruction"])
+    again = client.post("/adapters/compose", json={"parts": parts}).json()
+    assert again["adapter_id"] == composed["adapter_id"] and again["cached"] is True
+
+    def answer(**target) -> dict:
+        response = client.post("/generate", json={"messages": CHAT, "max_tokens": 12, **target})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert answer(adapter_id=composed["adapter_id"])["text"] == answer(adapter_id=first["adapter_id"])["text"]
+    inline = answer(adapters=parts)
+    assert inline["adapter_id"] == composed["adapter_id"]  # the inline form is the same cached composition
+    not_an_id = client.get("/adapters/compose")  # its own resource, not an adapter id
+    assert not_an_id.status_code == 405 and not_an_id.headers["allow"] == "POST"
+    too_wide = client.post("/adapters/compose", json={"parts": parts, "method": "cat"})
+    assert too_wide.status_code == 422 and too_wide.json()["error"]["field"] == "method"  # rank 16 > the engine's 8
+
+
+def test_a_composition_of_two_task_adapters_changes_answers_on_both_tasks(client):
+    antonyms = new_task("antonyms")
+    plural = {"instruction": f"Write the plural of the given noun. {uuid.uuid4().hex[:8]}",
+              "demos": [{"input": "cat", "output": "cats"}, {"input": "box", "output": "boxes"}]}
+    parts = [{"adapter_id": client.post("/adapters", json=t).json()["adapter_id"], "weight": 0.5} for t in (antonyms, plural)]
+    for task, inputs in ((antonyms, ["big", "early", "open"]), (plural, ["dog", "church", "city"])):
+        composed = client.post("/adapters/compose", json={"parts": parts, "method": "svd", "instruction": task["instruction"]}).json()
+        assert composed["instruction"] == task["instruction"] and composed["rank"] == 8
+        with_it, without = (client.post("/generate", json={"inputs": inputs, "adapter_id": composed["adapter_id"],
+                                                           "use_adapter": use, "max_tokens": 8}).json() for use in (True, False))
+        assert [r["text"] for r in with_it["results"]] != [r["text"] for r in without["results"]]
+
+
+def test_a_demo_pool_answers_each_input_with_the_adapter_of_its_nearest_demos(client):
+    tag = uuid.uuid4().hex[:8]
+    pool = [{"input": "hot", "output": "cold"}, {"input": "up", "output": "down"},
+            {"input": "cat", "output": "cats"}, {"input": "box", "output": "boxes"}]
+    body = {"task": {"instruction": f"Transform the word as the examples do. {tag}", "demo_pool": pool, "select": {"k": 2}},
+            "inputs": ["puppy", "kitten", "warm"], "max_tokens": 6}
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    ids = [r["adapter_id"] for r in out["results"]]
+    assert ids[0] == ids[1] and len(set(ids)) == 2 and out["adapter_id"] is None
+    by_id = client.post("/generate", json={"inputs": ["puppy"], "adapter_id": ids[0], "max_tokens": 6}).json()
+    assert by_id["results"][0]["text"] == out["results"][0]["text"]  # an ordinary, cached adapter
+    plural = client.get(f"/adapters/{ids[0]}").json()
+    assert plural["num_demos"] == 2 and plural["cached"] is True
+    first = client.post("/generate", json={**body, "task": {**body["task"], "select": {"k": 2, "by": "first"}}}).json()
+    assert len({r["adapter_id"] for r in first["results"]}) == 1 and first["adapter_id"] == first["results"][0]["adapter_id"]
+
+
 BAD_REQUESTS = [
     ("/adapters", {"instruction": "  ", "demos": []}, 422, "instruction"),
     ("/adapters", {"instruction": "x", "demos": [{"input": "a"}]}, 422, "demos.0.output"),
@@ -328,6 +403,22 @@ BAD_REQUESTS = [
     ("/generate", {"prompt": "hi", "task": {"instruction": "x", "demos": [{"input": "a"}]}}, 422, "task.demos.0.output"),
     ("/generate", {"prompt": "hi", "adapter_id": "0" * 64, "task": {"instruction": "x"}}, 422, "task"),
     ("/generate", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+    ("/generate", {"prompt": "hi", "adapters": [{"adapter_id": "0" * 64}]}, 404, "adapters.0.adapter_id"),
+    ("/generate", {"prompt": "hi", "adapter_id": "0" * 64, "adapters": [{"adapter_id": "0" * 64}]}, 422, "adapters"),
+    ("/generate", {"prompt": "hi", "adapters": []}, 422, "adapters"),
+    ("/generate", {"prompt": "hi", "task": {"instruction": "x", "demo_pool": [{"input": "a", "output": "b"}]}}, 422, "task.demo_pool"),
+    ("/generate", {"input": "a", "task": {"instruction": "x", "select": {"k": 1}}}, 422, "task.select"),
+    ("/generate", {"input": "a", "task": {"instruction": "x", "demo_pool": [{"input": "a", "output": "b"}], "select": {"k": 2}}}, 422, "task.select.k"),
+    ("/generate", {"input": "a", "task": {"instruction": "x", "demo_pool": [{"input": "a", "output": "b"}], "select": {"by": "closest"}}}, 422, "task.select.by"),
+    ("/generate", {"input": "a", "task": {"instruction": "x", "demo_pool": [{"input": "a", "output": "b"}] * 1001}}, 422, "task.demo_pool"),
+    ("/generate", {"input": "a", "task": {"instruction": "x", "demo_pool": [{"input": "a", "output": " "}]}}, 422, "task.demo_pool.0.output"),
+    ("/adapters", {"instruction": "x", "demo_pool": [{"input": "a", "output": "b"}]}, 422, "demo_pool"),
+    ("/adapters/compose", {"parts": []}, 422, "parts"),
+    ("/adapters/compose", {"parts": [{"adapter_id": "0" * 64, "weight": -1}]}, 422, "parts.0.weight"),
+    ("/adapters/compose", {"parts": [{"adapter_id": "0" * 64, "weight": 0}]}, 422, "parts"),
+    ("/adapters/compose", {"parts": [{"adapter_id": "0" * 64}]}, 404, "parts.0.adapter_id"),
+    ("/adapters/compose", {"parts": [{"adapter_id": "0" * 64}], "method": "mean"}, 422, "method"),
+    ("/adapters/compose", {"parts": [{"adapter_id": "0" * 64}] * 9}, 422, "parts"),
 ]
 
 

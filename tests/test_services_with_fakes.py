@@ -154,14 +154,14 @@ def test_adapter_routes_go_through_the_service_and_get_typed_answers(generator, 
         await adapters.remove(created.adapter_id)
         with pytest.raises(ApiError) as gone:
             await adapters.remove(created.adapter_id)
-        return adapters, created, got, malformed.value, archive, gone.value
+        return adapters, created, got, malformed.value, archive, gone.value, await adapters.listed()
 
-    adapters, created, got, malformed, archive, gone = asyncio.run(scenario())
+    adapters, created, got, malformed, archive, gone, listed = asyncio.run(scenario())
     assert isinstance(created, AdapterOut) and created.cached is False and got.cache_tier == "memory"
     assert got.instruction == TASK.instruction and "{input}" in got.prompt_template
     assert (malformed.status, malformed.field) == (422, "adapter_id") and (gone.status, gone.field) == (404, "adapter_id")
     assert archive[:2] == b"\x1f\x8b"  # gzip
-    assert adapters.engine.removed == [created.adapter_id] * 2 and adapters.held_ids() == []
+    assert adapters.engine.removed == [created.adapter_id] * 2 and listed == []
 
 
 def test_generate_inputs_answers_each_and_reports_the_one_that_does_not_fit(generator, tokenizer, tmp_path):
@@ -194,3 +194,57 @@ def test_generate_on_the_base_model_and_a_stream_that_holds_its_slot(generator, 
     assert isinstance(base, GenerateOut) and base.text == "base" and base.adapter_id is None
     assert isinstance(stream, Stream) and "".join(e["text"] for e in events) == "base" and events[-1]["done"]
     assert after.text == "base" and gen._inflight == 0
+
+
+def test_a_demo_pool_gives_each_input_the_adapter_of_the_demos_it_picks(generator, tokenizer, tmp_path):
+    pool = [{"input": "What is the capital of Italy?", "output": "Rome"}, {"input": "What is the capital of Spain?", "output": "Madrid"},
+            {"input": "Seven plus five", "output": "12"}, {"input": "Nine minus four", "output": "5"}]
+    body = GenerateRequest.model_validate({
+        "task": {"instruction": "Answer.", "demo_pool": pool, "select": {"k": 2}},
+        "inputs": ["What is the capital of France?", "What is the capital of Peru?", "Two plus two"], "max_tokens": 4})
+    service = generation(generator, tokenizer, tmp_path / "adapters")
+    out = asyncio.run(service.generate(body))
+    assert isinstance(out, GenerateManyOut)
+    ids = [r.adapter_id for r in out.results]
+    assert ids[0] == ids[1] != ids[2] and out.adapter_id is None  # two selections: two adapters
+    assert [r.text for r in out.results] == [i[:8] for i in ids]  # each input ran on its own (the fake answers its name)
+    assert service.adapters.metrics.hypernetwork_runs._value.get() == 2
+    capitals = Task("Answer.", tuple(Demo(d["input"], d["output"]) for d in pool[:2]))
+    assert ids[0] == generator.task_hash(capitals)  # the id of the task with the picked demos: cached like any
+
+
+class SlowGenerator:
+    """The real generator, made slow on purpose (a run longer than the cross-replica lock's TTL)."""
+
+    def __init__(self, inner, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+
+    def __getattr__(self, name):  # noqa: ANN001, ANN204
+        return getattr(self.inner, name)
+
+    def generate(self, task):  # noqa: ANN001, ANN201
+        time.sleep(self.delay_s)
+        return self.inner.generate(task)
+
+
+def test_a_run_longer_than_the_lock_ttl_is_not_started_twice_in_the_fleet(generator, tmp_path, redis_prefix):
+    """Two replicas (services) on the real Redis; the lock lives 1 s, the run takes 3.5 s: the
+    holder renews it, so the second replica waits for the result instead of running it again."""
+    from server.cache import RedisCache
+
+    async def scenario():
+        prefix = f"{redis_prefix}lock-{os.getpid()}-{time.time_ns()}:"
+        replicas = [service(SlowGenerator(generator, 3.5), tmp_path / name, lock_ttl_ms=1000) for name in ("one", "two")]
+        for replica in replicas:
+            replica.redis = RedisCache("redis://127.0.0.1:6379/0", prefix, 60)
+        first = asyncio.ensure_future(replicas[0].get_or_create(TASK))
+        await asyncio.sleep(0.2)  # the first holds the lock and is generating
+        second = await replicas[1].get_or_create(TASK)
+        made = await first
+        for replica in replicas:
+            await replica.redis.close()
+        return replicas, made, second
+
+    replicas, made, second = asyncio.run(scenario())
+    assert second.adapter_id == made.adapter_id and second.tier == "redis"
+    assert [r.metrics.hypernetwork_runs._value.get() for r in replicas] == [1, 0]

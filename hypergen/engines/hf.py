@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, Callable
 
 from transformers import StoppingCriteria
 
+from hypergen.base_model import compute_dtype
 from hypergen.engines.base import Engine, GenerationChunk, GenerationRequest
 from hypergen.engines.peft_adapters import PeftAdapterSet
 
@@ -48,9 +49,9 @@ class TextStream(StoppingCriteria):
 class HFEngine(Engine):
     name = "hf"
 
-    def __init__(self, model_path: str, dtype: str = "bfloat16", max_cpu_loras: int = 64) -> None:
+    def __init__(self, model_path: str, dtype: str = "auto", max_cpu_loras: int = 64) -> None:
         self.model_path = model_path
-        self.dtype = "bfloat16" if dtype == "auto" else dtype
+        self.dtype = compute_dtype(dtype)
         self.max_cpu_loras = max_cpu_loras
         self._adapters: PeftAdapterSet | None = None
         self._tokenizer = None
@@ -65,6 +66,8 @@ class HFEngine(Engine):
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
+        if torch.cuda.is_available():  # this engine serves on the GPU where there is one, as vLLM does
+            model = model.to("cuda")
         self._adapters = PeftAdapterSet(model.eval().requires_grad_(False), self.max_cpu_loras)
 
     async def shutdown(self) -> None:
@@ -83,7 +86,7 @@ class HFEngine(Engine):
             queue_ms = (time.perf_counter() - queued_at) * 1000
             adapter = request.adapter
             adapter_context = self._adapters.activate(adapter.name if adapter else None, adapter.path if adapter else None)
-            ids = torch.tensor([request.prompt_token_ids])
+            ids = torch.tensor([request.prompt_token_ids], device=next(self._adapters.model.parameters()).device)
             stream = TextStream(self._tokenizer, request.stop, emit, cancelled)
             kwargs = {"max_new_tokens": request.max_tokens, "do_sample": not request.greedy}
             if not request.greedy:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
+from hypergen.base_model import compute_dtype
 from hypergen.engines.base import Engine, GenerationChunk, GenerationRequest
 
 
@@ -18,6 +19,8 @@ class VLLMEngine(Engine):
     max_model_len: int = 2048
     dtype: str = "auto"
     kv_cache_gib: float = 2.0
+    gpu_memory_utilization: float = 0.5
+    max_num_seqs: int | None = None
     name = "vllm"
     _engine: Any = field(default=None, init=False)
     _ids: dict[str, int] = field(default_factory=dict, init=False)  # adapter name -> vLLM lora_int_id, stable for this process
@@ -31,6 +34,10 @@ class VLLMEngine(Engine):
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.kv_cache_gib))))
+        # vLLM starts its engine core by fork on CUDA; this process has threads and torch state by
+        # now, and a forked child inherits them half-made. The CPU build already spawns.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        sizing = {} if self.max_num_seqs is None else {"max_num_seqs": self.max_num_seqs}
         args = AsyncEngineArgs(
             model=self.model_path,
             enable_lora=True,
@@ -38,9 +45,11 @@ class VLLMEngine(Engine):
             max_lora_rank=self.max_lora_rank,
             max_cpu_loras=max(self.max_cpu_loras, self.max_loras),
             max_model_len=self.max_model_len,
-            dtype=self.dtype,
+            dtype=compute_dtype(self.dtype) if on_cpu else self.dtype,
             enforce_eager=on_cpu,
             disable_log_stats=False,  # also fills per-request timestamps (queue_ms)
+            gpu_memory_utilization=self.gpu_memory_utilization,  # ignored on CPU (VLLM_CPU_KVCACHE_SPACE sizes it)
+            **sizing,
         )
         self._engine = AsyncLLM.from_engine_args(args)
 
