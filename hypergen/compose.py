@@ -42,14 +42,13 @@ def composition_id(parts: Sequence[tuple[str, float]], method: str, instruction:
 
 
 def check_weights(weights: Sequence[float]) -> None:
-    """Raises ComposeError naming the part: weights are finite, >= 0, and not all zero."""
+    """Raises ComposeError naming the part: weights are finite and >= 0 (all zero is allowed: the
+    base model's answers, as an adapter)."""
     if not 1 <= len(weights) <= MAX_PARTS:
         raise ComposeError(f"give 1 to {MAX_PARTS} parts, got {len(weights)}", "parts")
     for i, weight in enumerate(weights):
         if not math.isfinite(weight) or weight < 0:
             raise ComposeError("a weight must be a finite number >= 0", f"parts.{i}.weight")
-    if not any(weights):
-        raise ComposeError("at least one weight must be above 0", "parts")
 
 
 def composed_rank(ranks: Sequence[int], method: str) -> int:
