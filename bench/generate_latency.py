@@ -34,12 +34,13 @@ def ms(seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=get_settings().checkpoint)
+    parser.add_argument("--device", default=get_settings().device, help="the hypernetwork's device (HYPERGEN_DEVICE)")
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    gen = HyperGenerator.from_pretrained(args.checkpoint)
+    gen = HyperGenerator.from_pretrained(args.checkpoint, device=args.device)
 
     start = time.perf_counter()
     gen.generate(make_task(-1)).to_bytes()
@@ -67,6 +68,7 @@ def main() -> None:
         "tasks": args.tasks,
         "threads": torch.get_num_threads(),
         "checkpoint": gen.checkpoint,
+        "device": args.device,
     }))
 
 

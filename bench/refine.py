@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from scoring import SCORED
+
 TEST_EVERY = 4
 N_TASKS = 6
-SCORED = 20  # the card's scored instances per task
 K_DEMOS = 3
-MAX_TOKENS = 32
 STARTS = ("from_generated", "from_default")
 UNREFINED = ("base", "generated")  # step 0 of the two starts (B = 0 at PEFT's start: the base model)
 
@@ -104,46 +103,17 @@ def _seconds_per_step(work: Path) -> float:
 
 
 def score_all(args: argparse.Namespace, tasks: list, out: Path) -> dict[str, dict[str, float]]:
-    """Scores every saved adapter not scored yet, in one engine, 8 adapters per call."""
-    from hypergen.base_model import load_tokenizer, resolve_base_model
-    from hypergen.engines import OfflineEngine, create_engine, installed_engine
-    from hypergen.evaluate import exact_match, rouge_l
-    from hypergen.prompts import first_line, prompt_ids
-    from hypergen.settings import Settings
+    """Scores every saved adapter not scored yet (``bench/scoring.py``)."""
+    from scoring import Item, score_runs
 
     by_name = {t.name: t for t in tasks}
     names = [key(t.name, m) for t in tasks for m in UNREFINED] + [key(t.name, n, s, k) for t in tasks for n in args.examples for s, k in plan(args)]
-    scores_dir = out / "scores"
-    pending = [n for n in names if not (scores_dir / f"{n}.json").is_file()]
-    if pending:
-        tokenizer = load_tokenizer(args.base_model)
-        engine = OfflineEngine(create_engine(Settings(engine=installed_engine()), resolve_base_model(args.base_model), 8))
-        try:
-            for at in range(0, len(pending), 8):
-                chunk = pending[at : at + 8]
-                requests, owners = [], []
-                for name in chunk:
-                    task = by_name[name.split("/")[0]]
-                    for inst in task.instances[:SCORED]:
-                        folder = None if name.endswith("/base") else out / "adapters" / name
-                        requests.append((prompt_ids(tokenizer, task.instruction, inst.input), folder))
-                        owners.append((name, inst))
-                texts = engine.greedy(requests, MAX_TOKENS)
-                rows: dict[str, list[tuple[float, float]]] = {}
-                for (name, inst), text in zip(owners, texts):
-                    answer = first_line(text)
-                    rows.setdefault(name, []).append((100 * rouge_l(answer, inst.outputs), 100 * exact_match(answer, inst.outputs)))
-                for name, values in rows.items():
-                    path = scores_dir / f"{name}.json"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"rougeL": sum(r for r, _ in values) / len(values),
-                                               "exact_match": sum(e for _, e in values) / len(values)}))
-                    os.replace(tmp, path)
-                print(f"scored {min(at + 8, len(pending))}/{len(pending)}", flush=True)
-        finally:
-            engine.close()
-    return {n: json.loads((scores_dir / f"{n}.json").read_text()) for n in names}
+    runs = {}
+    for name in names:
+        task = by_name[name.split("/")[0]]
+        folder = None if name.endswith("/base") else out / "adapters" / name
+        runs[name] = [Item(task.instruction, i.input, folder, i.outputs) for i in task.instances[:SCORED]]
+    return score_runs(runs, out, args.base_model)
 
 
 def summarise(args: argparse.Namespace, tasks: list, scores: dict, timings: dict) -> dict[str, Any]:

@@ -3,14 +3,16 @@
     .venv/bin/python bench/serve_throughput.py [--url http://host:port] [--requests 64] [--max-tokens 32]
 
 All requests of a scenario are in flight at once, so the engine batches them.
-Scenarios: the base model alone; the same 64 requests spread over 1, 4 and 16
+Scenarios: the base model alone; the same 64 requests spread over 1, 4, 16 and 64
 distinct generated adapters (created and loaded beforehand); and in-context
 learning: the base model with the task's 3 demos in the prompt instead of an
 adapter. Then task inputs with one adapter, two ways: 64 separate `input`
 requests at once, and one request with `inputs` of 64. Throughput is completion
 tokens / wall time; answers_per_s counts answered prompts (the fair
 measure for the two input scenarios, whose answers are a few tokens long). Without --url it starts
-`hypergen serve` (vLLM, max_loras=16). Prints one JSON line.
+`hypergen serve` (vLLM, max_loras=64) twice, one after the other: with hypergen's CPU LoRA ops
+(the default) and with vLLM's own (HYPERGEN_CPU_LORA_OPS=0), and reports both side by side.
+Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from tasks import synthetic_task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from launcher import ServerProcess  # noqa: E402  (the test suite's server harness)
+
+ADAPTER_COUNTS = (1, 4, 16, 64)
+OPS = {"hypergen_ops": "1", "vllm_ops": "0"}  # HYPERGEN_CPU_LORA_OPS per server
 
 
 def icl_prompt(task, word: str) -> str:
@@ -50,7 +55,7 @@ async def scenario(client: httpx.AsyncClient, bodies: list[dict]) -> dict:
 async def run(url: str, n: int, max_tokens: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         offset = int(time.time())
-        tasks = [synthetic_task(offset + i) for i in range(16)]
+        tasks = [synthetic_task(offset + i) for i in range(max(ADAPTER_COUNTS))]
         ids = []
         for task, word in tasks:
             r = await client.post("/adapters", json={**task.to_dict(), "options": {"warm": True}})
@@ -71,7 +76,7 @@ async def run(url: str, n: int, max_tokens: int) -> dict:
 
         await scenario(client, bodies(None)[:8])  # warm-up
         results = {"base": await scenario(client, bodies(None))}
-        for k in (1, 4, 16):
+        for k in ADAPTER_COUNTS:
             results[f"adapters_{k}"] = await scenario(client, bodies(k))
         results["icl_3_demos"] = await scenario(client, bodies(None, icl=True))
         words = [tasks[i % len(tasks)][1] for i in range(n)]
@@ -89,17 +94,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
-    server = None
-    if args.url is None:
-        env = {"HYPERGEN_ENGINE": "vllm", "HYPERGEN_REDIS_URL": "", "HYPERGEN_MAX_LORAS": "16"}
-        server = ServerProcess(Path(tempfile.mkdtemp()), env, "bench").wait_ready()
-        args.url = server.url
-    try:
+    if args.url is not None:
         results = asyncio.run(run(args.url, args.requests, args.max_tokens))
         print(json.dumps({"requests": args.requests, "max_tokens": args.max_tokens, **results}))
-    finally:
-        if server is not None:
+        return
+    report = {"requests": args.requests, "max_tokens": args.max_tokens}
+    for name, flag in OPS.items():
+        env = {"HYPERGEN_ENGINE": "vllm", "HYPERGEN_REDIS_URL": "", "HYPERGEN_MAX_LORAS": str(max(ADAPTER_COUNTS)),
+               "HYPERGEN_CPU_LORA_OPS": flag}
+        server = ServerProcess(Path(tempfile.mkdtemp()), env, "bench").wait_ready()
+        try:
+            report[name] = asyncio.run(run(server.url, args.requests, args.max_tokens))
+        finally:
             server.stop()
+    ours, theirs = report["hypergen_ops"], report["vllm_ops"]
+    report["hypergen_vs_vllm_ops"] = {k: round(ours[k]["tokens_per_s"] / theirs[k]["tokens_per_s"], 2) for k in ours}
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("engine", args.engine)) if v is not None}
     settings = settings.model_copy(update=overrides)
+    if args.ray:
+        from server.ray_serve import run
+
+        env = {**os.environ, **({"HYPERGEN_ENGINE": args.engine} if args.engine else {})}
+        run(settings.host, settings.port, args.replicas, env)
+        return 0
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 
@@ -180,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1, HYPERGEN_HOST)")
     serve.add_argument("--port", type=int, help="port (default 8000, HYPERGEN_PORT)")
     serve.add_argument("--engine", choices=["vllm", "hf"], help="generation engine (HYPERGEN_ENGINE)")
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas routed by adapter id (RAY_ADDRESS joins a cluster)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: hypergen replicas (default 1)")
     serve.set_defaults(func=cmd_serve)
     return parser
 

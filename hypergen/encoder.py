@@ -13,6 +13,7 @@ output and shortens its input from the middle (``pair``).
 from __future__ import annotations
 
 import importlib.util
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ MAX_OUTPUT_PIECES = 128  # a demo output longer than this keeps its start; input
 PAIR_SEPARATOR = " -> "
 ELLIPSIS = " ... "
 EMBED_BATCH = 32
+CACHE_SIZE = 4096  # embeddings kept while serving (1.5 KB each): instructions and demos recur across tasks
 
 
 def resolve_encoder(name: str) -> str:
@@ -44,8 +46,10 @@ def resolve_encoder(name: str) -> str:
 class TaskEncoder:
     """Embeds token sequences into unit vectors; no gradients ever flow into it.
 
-    After ``enable_cache()`` (training, where the same instructions and demos recur every
-    few steps) each distinct sequence is embedded once.
+    The last ``CACHE_SIZE`` sequences' embeddings are kept (by their word pieces): tasks sent
+    to a server repeat instructions and demos, and a sequence seen before costs no encoder
+    pass. ``enable_cache()`` (training, where every instruction and demo recurs every few
+    steps) lifts the bound, so each distinct sequence is embedded once.
     """
 
     def __init__(self, name: str, device: str = "cpu") -> None:
@@ -58,14 +62,14 @@ class TaskEncoder:
         self.model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
         self.device = device
         self.dim = int(self.model.config.hidden_size)
-        self._cache: dict[tuple[int, ...], torch.Tensor] | None = None
+        self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self._cache_size: int | None = CACHE_SIZE
         self._sep = self.pieces(PAIR_SEPARATOR)
         self._ellipsis = self.pieces(ELLIPSIS)
 
     def enable_cache(self) -> None:
         """Keep every embedding computed from now on (training: texts recur every few steps)."""
-        if self._cache is None:
-            self._cache = {}
+        self._cache_size = None
 
     # --- token sequences that fit the window --------------------------------
 
@@ -105,15 +109,17 @@ class TaskEncoder:
         if not seqs:
             return torch.zeros(0, self.dim)
         keys = [tuple(s) for s in seqs]
-        todo = sorted({k for k in keys if self._cache is None or k not in self._cache}, key=len)
-        fresh: dict[tuple[int, ...], torch.Tensor] = {}
+        todo = sorted({k for k in keys if k not in self._cache}, key=len)
+        found = {k: self._cache[k] for k in keys if k in self._cache}
         for start in range(0, len(todo), EMBED_BATCH):  # sorted by length: little padding per call
             chunk = todo[start : start + EMBED_BATCH]
-            fresh.update(zip(chunk, self._forward([list(k) for k in chunk])))
-        if self._cache is not None:
-            self._cache.update(fresh)
-            fresh = self._cache
-        return torch.stack([fresh[k] for k in keys])
+            found.update(zip(chunk, self._forward([list(k) for k in chunk])))
+        for k in keys:  # most recent last
+            self._cache[k] = found[k]
+            self._cache.move_to_end(k)
+        while self._cache_size is not None and len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack([found[k] for k in keys])
 
     def _forward(self, seqs: list[list[int]]) -> torch.Tensor:
         width = max(len(s) for s in seqs)

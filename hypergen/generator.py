@@ -139,9 +139,16 @@ class HyperGenerator:
             return []
         batch = encode_tasks(self.encoder, tasks, self.network.config.demo_encoding, self.device)
         weights = self.network(batch.items, batch.kinds, batch.mask)
-        return [self._adapter(t, task, weights) for t, task in enumerate(tasks)]
+        return [self._adapter(t, weights, self.task_hash(task)) for t, task in enumerate(tasks)]
 
-    def _adapter(self, t: int, task: Task, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Adapter:
+    @torch.inference_mode()
+    def shared_adapter(self) -> Adapter:
+        """The network's shared LoRA alone (what every generated adapter is a correction of): the
+        multi-task part, e.g. to compose with a generated adapter or to serve as a task-free baseline."""
+        return self._adapter(0, self.network.shared(), None, part="shared")
+
+    def _adapter(self, t: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], task_hash: str | None,
+                 **meta: str) -> Adapter:
         tensors: dict[str, torch.Tensor] = {}
         for module, (a, b) in weights.items():
             for layer in range(self.spec.num_layers):
@@ -153,8 +160,8 @@ class HyperGenerator:
             target_modules=list(self.spec.target_modules),
             rank=self.spec.rank,
             alpha=self.spec.alpha,
-            task_hash=self.task_hash(task),
-            meta={"hypernetwork": self.fingerprint},
+            task_hash=task_hash,
+            meta={"hypernetwork": self.fingerprint, **meta},
         )
 
     def info(self) -> dict[str, Any]:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         description="The engine's largest LoRA rank (vLLM: 8, 16, 32, 64...); unset: the hypernetwork's. "
         "Higher admits 'cat' compositions but costs every LoRA batch: the engine pads to it.")
     max_cpu_loras: int = Field(default=64, ge=1, description="Adapters kept loaded in the engine.")
+    cpu_lora_ops: bool = Field(
+        default=True, description="vLLM on CPU: hypergen's dense multi-LoRA matmuls instead of vLLM's per-token ops "
+        "(hypergen/engines/cpu_lora.py). GPUs always use vLLM's kernels.")
     max_model_len: int = Field(default=2048, ge=128)
     gpu_memory_utilization: float = Field(
         default=0.5, gt=0, le=0.95,

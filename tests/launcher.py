@@ -21,7 +21,7 @@ def free_port() -> int:
 class ServerProcess:
     """A real server on a free local port; settings are HYPERGEN_* variables in ``env``."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], name: str) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], name: str, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"
@@ -37,7 +37,7 @@ class ServerProcess:
         }
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hypergen.cli", "serve"], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "hypergen.cli", "serve", *args], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def wait_ready(self, timeout: float = 300) -> "ServerProcess":

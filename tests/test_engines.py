@@ -93,3 +93,11 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch, cud
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert compute_dtype("auto") == expected
     assert compute_dtype("float32") == "float32" and compute_dtype("bfloat16") == "bfloat16"  # explicit wins
+
+
+def test_engine_rank_is_one_every_supported_vllm_accepts():
+    from hypergen.engines.vllm import engine_rank
+
+    assert [engine_rank(r) for r in (1, 8, 9, 16, 300, 512)] == [8, 8, 16, 16, 320, 512]
+    with pytest.raises(ValueError, match="above"):
+        engine_rank(513)

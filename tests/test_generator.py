@@ -132,3 +132,24 @@ def test_generator_for_a_tiny_llama(tiny_llama_dir):
     assert adapter.tensors[peft_key(1, "k_proj", "B")].shape == (64, 16)
     assert adapter.tensors[peft_key(1, "up_proj", "B")].shape == (256, 16)
     assert HyperNetConfig.from_dict(gen.network.config.to_dict()).spec() == gen.spec
+
+
+def test_embeddings_of_repeated_texts_are_reused_and_the_cache_is_bounded(generator, monkeypatch):
+    from hypergen import encoder as encoder_module
+
+    enc = generator.encoder
+    calls = []
+    forward = enc._forward
+    monkeypatch.setattr(enc, "_forward", lambda seqs: calls.append(len(seqs)) or forward(seqs))
+    task = Task("Reverse the word (cache test).", (Demo("abc", "cba"), Demo("dog", "god")))
+    first = generator.generate(task)
+    encoded = sum(calls)
+    assert encoded > 0
+    again = generator.generate(Task("Reverse the word (cache test, new instruction).", task.demos))
+    assert sum(calls) == encoded + 1  # only the new instruction went through the encoder
+    assert again.tensors.keys() == first.tensors.keys()
+    assert torch.equal(generator.generate(task).tensors[peft_key(0, "q_proj", "B")], first.tensors[peft_key(0, "q_proj", "B")])
+    monkeypatch.setattr(enc, "_cache_size", 3)
+    enc.embed([f"text {i}" for i in range(10)])
+    assert len(enc._cache) <= 3
+    assert encoder_module.CACHE_SIZE >= 1024

@@ -33,6 +33,7 @@ def create_engine(settings: Settings, model_path: str, max_lora_rank: int) -> En
             model_path, max_lora_rank, max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras,
             max_model_len=settings.max_model_len, dtype=settings.dtype, kv_cache_gib=settings.kv_cache_gib,
             gpu_memory_utilization=settings.gpu_memory_utilization, max_num_seqs=settings.max_num_seqs,
+            cpu_lora_ops=settings.cpu_lora_ops,
         )
     if settings.engine == "hf":
         from hypergen.engines.hf import HFEngine

@@ -7,7 +7,20 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 from hypergen.base_model import compute_dtype
+from hypergen.engines import cpu_lora
 from hypergen.engines.base import Engine, GenerationChunk, GenerationRequest
+
+
+# max_lora_rank values every supported vLLM accepts (0.11 refuses 1; 0.32 takes it too).
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def engine_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds ``rank`` (smaller adapters are padded by vLLM)."""
+    for allowed in VLLM_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_RANKS[-1]})")
 
 
 @dataclass(eq=False)
@@ -21,6 +34,7 @@ class VLLMEngine(Engine):
     kv_cache_gib: float = 2.0
     gpu_memory_utilization: float = 0.5
     max_num_seqs: int | None = None
+    cpu_lora_ops: bool = True
     name = "vllm"
     _engine: Any = field(default=None, init=False)
     _ids: dict[str, int] = field(default_factory=dict, init=False)  # adapter name -> vLLM lora_int_id, stable for this process
@@ -34,6 +48,8 @@ class VLLMEngine(Engine):
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.kv_cache_gib))))
+            # read by hypergen's vLLM plugin in the engine processes, which inherit this environment
+            os.environ[cpu_lora.ENV] = "1" if self.cpu_lora_ops else "0"
         # vLLM starts its engine core by fork on CUDA; this process has threads and torch state by
         # now, and a forked child inherits them half-made. The CPU build already spawns.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -42,7 +58,7 @@ class VLLMEngine(Engine):
             model=self.model_path,
             enable_lora=True,
             max_loras=self.max_loras,
-            max_lora_rank=self.max_lora_rank,
+            max_lora_rank=engine_rank(self.max_lora_rank),
             max_cpu_loras=max(self.max_cpu_loras, self.max_loras),
             max_model_len=self.max_model_len,
             dtype=compute_dtype(self.dtype) if on_cpu else self.dtype,

@@ -1,0 +1,214 @@
+"""A faster multi-LoRA path for vLLM on CPU, shipped as a vLLM plugin.
+
+vLLM's CPU punica ops (``vllm/lora/ops/torch_ops``) copy each token's A and B out of the
+stacked adapter weights (``weights[token_index]``, r x (in + out) numbers per token) and apply
+them with a batched einsum of matrix-vector products. Here tokens are grouped by adapter slot
+instead, and each op is one batched matmul over the groups:
+
+- the batch's tokens are sorted by slot and each group padded to a common width, so ``x`` becomes
+  ``[groups, width, in]``: one ``bmm`` with the groups' A (``[groups, in, r]``) shrinks every
+  token, and one with their B expands; results go back to their rows by index;
+- the adapter weights are read once per group, not copied once per token, and the arithmetic is
+  what the LoRA needs (tokens x r x (in + out)) plus the padding;
+- groups of very different sizes (prefill: one long prompt beside short ones) go in several
+  batches, each padded to within 2x of its largest group, so padding never doubles the work.
+
+The grouping is made once per engine step (``update_metadata``) and used by every layer. Rows
+without an adapter (index -1) are left alone (vLLM's reference ops, called directly, index slot
+-1, the last one, for them: vLLM PR #48421).
+
+``register`` is the ``vllm.general_plugins`` entry point: vLLM calls it in every engine process;
+on the CPU platform, unless ``HYPERGEN_CPU_LORA_OPS=0``, it points vLLM's punica-wrapper lookup
+at ``GroupedPunicaWrapperCPU``. GPUs keep vLLM's kernels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "HYPERGEN_CPU_LORA_OPS"
+WRAPPER = f"{__name__}.GroupedPunicaWrapperCPU"
+MAX_PADDING = 2  # a batch's padded rows stay within this factor of its real rows
+
+
+@dataclass(frozen=True)
+class GroupBatch:
+    """Groups of tokens (one adapter slot each) padded to one width, for one ``bmm``."""
+
+    slots: torch.Tensor  # [groups] adapter slot of each group
+    slot_ids: frozenset[int]  # the same, for cheap checks
+    padded: torch.Tensor  # [groups * width] token behind each padded row (padding repeats the group's first)
+    keep: torch.Tensor  # [groups * width] True for real rows
+    rows: torch.Tensor  # token of each real row, in padded order
+    width: int
+
+
+def group_tokens(indices: torch.Tensor) -> list[GroupBatch]:
+    """Tokens with an adapter (index >= 0) grouped by slot, largest groups first, in batches."""
+    tokens = (indices >= 0).nonzero().squeeze(1)
+    if tokens.numel() == 0:
+        return []
+    order = torch.argsort(indices[tokens], stable=True)
+    tokens = tokens[order]
+    slots, counts = torch.unique_consecutive(indices[tokens], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    by_size = torch.argsort(counts, descending=True, stable=True).tolist()
+    sizes = counts.tolist()
+    batches, current = [], []
+    for g in by_size:
+        if current and sizes[g] * MAX_PADDING < sizes[current[0]]:
+            batches.append(current)
+            current = []
+        current.append(g)
+    batches.append(current)
+    out = []
+    for groups in batches:
+        width = sizes[groups[0]]
+        padded, keep, rows = [], [], []
+        for g in groups:
+            mine = tokens[starts[g] : starts[g] + sizes[g]]
+            padded.append(torch.cat([mine, mine[:1].expand(width - sizes[g])]))
+            keep.append(torch.arange(width) < sizes[g])
+            rows.append(mine)
+        out.append(GroupBatch(slots[groups], frozenset(slots[groups].tolist()), torch.cat(padded), torch.cat(keep), torch.cat(rows), width))
+    return out
+
+
+def _flat(stacked: torch.Tensor) -> torch.Tensor:
+    """vLLM's [slots, 1, a, b] (or [slots, a, b]) as [slots, a, b]."""
+    return stacked.squeeze(1) if stacked.dim() == 4 else stacked
+
+
+def live_slots(stacked: torch.Tensor) -> frozenset[int]:
+    """Slots whose weights are not all zero. vLLM wraps every linear layer and the lm_head and
+    zeroes the slots of modules an adapter does not target (k_proj, o_proj, the MLP, lm_head for
+    q/v adapters); those cost nothing here. Recomputed only when the weights change (a load
+    or an eviction bumps the tensor's version); kept on the tensor itself, so it goes with it."""
+    version = stacked._version
+    hit = getattr(stacked, "_hypergen_live", None)
+    if hit is None or hit[0] != version:
+        hit = (version, frozenset(_flat(stacked).flatten(1).any(1).nonzero().flatten().tolist()))
+        stacked._hypergen_live = hit
+    return hit[1]
+
+
+def grouped_shrink(x: torch.Tensor, a_stacked: torch.Tensor, out: torch.Tensor, batches: list[GroupBatch], scale: float) -> None:
+    """out[t, :r] = scale * A[slot(t)] x[t] for every token with an adapter (others untouched)."""
+    a = _flat(a_stacked)
+    rank = a.shape[1]
+    live = live_slots(a_stacked)
+    for b in batches:
+        if live.isdisjoint(b.slot_ids):  # e.g. k_proj of adapters for q and v only
+            continue
+        xs = x.index_select(0, b.padded).view(len(b.slots), b.width, -1).to(a.dtype)
+        h = torch.bmm(xs, a.index_select(0, b.slots).transpose(1, 2))  # [groups, width, r]
+        out[b.rows, :rank] = (scale * h.reshape(-1, rank)[b.keep]).to(out.dtype)
+
+
+def grouped_expand(h: torch.Tensor, b_stacked: torch.Tensor, y: torch.Tensor, batches: list[GroupBatch], offset: int,
+                   size: int, add_inputs: bool = True) -> None:
+    """y[t, offset:offset+size] (+)= B[slot(t)] h[t] for every token with an adapter."""
+    b_all = _flat(b_stacked)
+    out_dim, rank = b_all.shape[1:]
+    width = min(size, out_dim)
+    target = y[:, offset : offset + width]
+    live = live_slots(b_stacked)
+    for b in batches:
+        if add_inputs and live.isdisjoint(b.slot_ids):
+            continue
+        hs = h[:, :rank].index_select(0, b.padded).view(len(b.slots), b.width, rank).to(b_all.dtype)
+        result = torch.bmm(hs, b_all.index_select(0, b.slots).transpose(1, 2)).reshape(-1, out_dim)[b.keep, :width]
+        if add_inputs:
+            target.index_add_(0, b.rows, result.to(y.dtype))
+        else:
+            target[b.rows] = result.to(y.dtype)
+
+
+def _wrapper_class() -> type:
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
+        """vLLM's CPU punica wrapper with grouped shrink/expand (see the module's docstring); the
+        token grouping is made once per step, on first use, for every layer."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._batches: list[GroupBatch] | None = None
+            self._sampler_batches: list[GroupBatch] | None = None
+
+        def update_metadata(self, *args: Any, **kwargs: Any) -> None:
+            super().update_metadata(*args, **kwargs)
+            self._batches = self._sampler_batches = None
+
+        @property
+        def batches(self) -> list[GroupBatch]:
+            """Tokens grouped by slot (the linear layers)."""
+            if self._batches is None:
+                self._batches = group_tokens(self.token_lora_indices)
+            return self._batches
+
+        @property
+        def sampler_batches(self) -> list[GroupBatch]:
+            """Sampled rows grouped by slot (the logits)."""
+            if self._sampler_batches is None:
+                self._sampler_batches = group_tokens(self.sampler_indices)
+            return self._sampler_batches
+
+        def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
+                            lora_b_stacked: torch.Tensor, scale: float, *, buffer: torch.Tensor | None = None,
+                            **kwargs: Any) -> None:
+            """The lm_head's LoRA. vLLM runs it on every step once LoRA is on (a copy of each row's
+            [vocab, r] B); adapters that do not target lm_head have zero A there and cost nothing."""
+            flat_y, flat_x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+            h = torch.zeros(flat_x.shape[0], lora_b_stacked.shape[-1], dtype=torch.float32, device=x.device)
+            grouped_shrink(flat_x, lora_a_stacked, h, self.sampler_batches, scale)
+            grouped_expand(h, lora_b_stacked, flat_y, self.sampler_batches, 0, flat_y.shape[1], True)
+
+        def add_shrink(self, y: Any, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...], scale: float,
+                       **kwargs: Any) -> None:
+            x = x.view(-1, x.shape[-1])
+            for i, a in enumerate(lora_a_stacked):
+                grouped_shrink(x, a, y[i].view(-1, y[i].shape[-1]), self.batches, scale)
+
+        def add_expand(self, y: torch.Tensor, x: Any, lora_b_stacked: tuple[torch.Tensor, ...],
+                       output_slices: tuple[int, ...], offset_start: int = 0, add_inputs: bool = True,
+                       **kwargs: Any) -> None:
+            flat_y = y.view(-1, y.shape[-1])
+            offset = offset_start
+            for i, b in enumerate(lora_b_stacked):
+                grouped_expand(x[i].view(-1, x[i].shape[-1]), b, flat_y, self.batches, offset, output_slices[i], add_inputs)
+                offset += output_slices[i]
+
+    return GroupedPunicaWrapperCPU
+
+
+def __getattr__(name: str) -> Any:
+    """``GroupedPunicaWrapperCPU`` is built on first access, so importing this module needs no vLLM."""
+    if name == "GroupedPunicaWrapperCPU":
+        cls = _wrapper_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def register() -> None:
+    """vLLM plugin entry point: on CPU, use the grouped ops unless HYPERGEN_CPU_LORA_OPS is off."""
+    if not enabled():
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    platform = type(current_platform)
+    platform.get_punica_wrapper = classmethod(lambda cls: WRAPPER)
+    log.debug("hypergen: grouped CPU LoRA ops registered")

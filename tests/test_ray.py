@@ -1,0 +1,97 @@
+"""hypergen on Ray Serve (`hypergen serve --ray`): a local Ray, two replicas (transformers engine), Redis shared.
+
+Over HTTP, as users call it: requests for one adapter stay on one replica, a replica that never
+generated an adapter serves it from Redis, a delete holds on every replica, and a killed replica
+costs at most a clear 503 while Ray replaces it.
+"""
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import httpx
+import pytest
+
+from launcher import ServerProcess
+
+pytest.importorskip("ray.serve")
+
+REPLICA = "x-hypergen-replica"
+
+
+def new_task(label: str) -> dict:
+    return {"instruction": f"Answer in the style {label} {uuid.uuid4().hex[:8]}.", "demos": [{"input": "hot", "output": "cold"}]}
+
+
+@pytest.fixture(scope="module")
+def fleet(server_env, tmp_path_factory):
+    env = {**server_env, "HYPERGEN_ENGINE": "hf", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ADDRESS": "local"}
+    server = ServerProcess(tmp_path_factory.mktemp("ray"), env, "ray", args=("--ray", "--replicas", "2")).wait_ready(timeout=400)
+    with server.client() as client:
+        deadline = time.monotonic() + 120  # both replicas up: answers from two names
+        seen: set[str] = set()
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen.add(client.get("/v1/models").headers[REPLICA])
+    yield server
+    server.stop()
+    subprocess.run(["pkill", "-f", "ServeReplica:hypergen"], check=False)
+
+
+def test_one_adapter_stays_on_one_replica_and_others_take_it_from_redis(fleet):
+    with fleet.client() as client:
+        made_on, served_on = {}, {}
+        for i in range(10):
+            made = client.post("/adapters", json=new_task(f"ray {i}"))
+            assert made.status_code == 201 or made.status_code == 200, made.text
+            adapter_id = made.json()["adapter_id"]
+            made_on[adapter_id] = made.headers[REPLICA]
+            replicas = set()
+            for _ in range(3):
+                answer = client.post("/generate", json={"input": "big", "adapter_id": adapter_id, "max_tokens": 2})
+                assert answer.status_code == 200, answer.text
+                replicas.add(answer.headers[REPLICA])
+            assert len(replicas) == 1  # Ray's multiplexing: the replica that holds it
+            served_on[adapter_id] = replicas.pop()
+        assert len(set(made_on.values())) == 2 and len(set(served_on.values())) == 2
+        # an adapter generated on one replica and served by the other came from Redis (no task was sent there)
+        assert any(made_on[a] != served_on[a] for a in made_on)
+
+
+def test_a_delete_holds_on_every_replica(fleet):
+    with fleet.client() as client:
+        adapter_id = client.post("/adapters", json=new_task("ray delete")).json()["adapter_id"]
+        assert client.post("/generate", json={"input": "big", "adapter_id": adapter_id, "max_tokens": 2}).status_code == 200
+        assert client.delete(f"/adapters/{adapter_id}").status_code == 204
+        time.sleep(1)
+        answered_by = set()
+        for _ in range(16):  # /v1/models names no adapter: any replica answers, from Redis and its own memory
+            models = client.get("/v1/models")
+            answered_by.add(models.headers[REPLICA])
+            assert adapter_id not in [m["id"] for m in models.json()["data"]]
+        assert len(answered_by) == 2
+        assert client.get(f"/adapters/{adapter_id}").status_code == 404
+        assert client.post("/generate", json={"input": "big", "adapter_id": adapter_id, "max_tokens": 2}).status_code == 404
+
+
+def test_a_killed_replica_costs_at_most_a_clear_503(fleet):
+    pids = subprocess.run(["pgrep", "-f", "ServeReplica:hypergen:Replica"], capture_output=True, text=True).stdout.split()
+    assert pids, "no replica process found"
+    os.kill(int(pids[0]), signal.SIGKILL)
+    codes = []
+    with fleet.client() as client:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                answer = client.post("/generate", json={"input": "big", "max_tokens": 2, "task": new_task("after kill")})
+            except httpx.HTTPError:
+                codes.append("transport")
+                continue
+            codes.append(answer.status_code)
+            if answer.status_code == 503:
+                assert answer.json()["error"]["code"] in ("replica_unavailable", "engine_busy", "not_ready")
+            if codes[-3:] == [200, 200, 200]:
+                break
+    assert set(codes) <= {200, 503}, codes
+    assert codes[-3:] == [200, 200, 200], codes
