@@ -95,3 +95,37 @@ def test_adapter_ids_are_never_paths(bad):
 
     assert not is_adapter_id(bad)
     assert is_adapter_id("0123456789abcdef" * 4)
+
+
+@pytest.mark.vllm
+def test_a_dead_engine_costs_503s_until_a_new_one_is_up(server_env, tmp_path):
+    """vLLM's engine core is a child process; killed (as a crash would), the server answers 503
+    engine_busy while it starts a new engine, then serves again, adapters included."""
+    import os
+    import signal
+    import subprocess
+
+    pytest.importorskip("vllm")
+    env = {**server_env, "HYPERGEN_ENGINE": "vllm", "HYPERGEN_DTYPE": "float32"}
+    server = ServerProcess(tmp_path, env, "revive").wait_ready()
+    try:
+        with server.client() as client:
+            adapter_id = client.post("/adapters", json=new_task("revive")).json()["adapter_id"]
+            body = {"input": "big", "adapter_id": adapter_id, "max_tokens": 2}
+            assert client.post("/generate", json=body).status_code == 200
+            children = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+            assert children, "vLLM's engine core runs in a child process"
+            for pid in children:
+                os.kill(int(pid), signal.SIGKILL)
+            codes = []
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and codes[-1:] != [200]:
+                answer = client.post("/generate", json=body)
+                codes.append(answer.status_code)
+                if answer.status_code != 200:
+                    assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_busy", answer.text
+                    time.sleep(1)
+            assert codes[-1] == 200 and 503 in codes, codes
+            assert server.proc.poll() is None and client.get("/readyz").status_code == 200
+    finally:
+        server.stop()

@@ -248,3 +248,75 @@ def test_a_run_longer_than_the_lock_ttl_is_not_started_twice_in_the_fleet(genera
     replicas, made, second = asyncio.run(scenario())
     assert second.adapter_id == made.adapter_id and second.tier == "redis"
     assert [r.metrics.hypernetwork_runs._value.get() for r in replicas] == [1, 0]
+
+
+class LockWatchingGenerator(SlowGenerator):
+    """Notes, when it runs, whether another replica's lock on the task is still alive."""
+
+    def __init__(self, inner, redis_client, lock_key: str) -> None:  # noqa: ANN001
+        super().__init__(inner, 0.0)
+        self.redis_client, self.lock_key, self.lock_alive_at_run = redis_client, lock_key, []
+
+    def generate(self, task):  # noqa: ANN001, ANN201
+        self.lock_alive_at_run.append(bool(self.redis_client.exists(self.lock_key)))
+        return self.inner.generate(task)
+
+
+def test_a_replica_that_dies_holding_the_lock_is_taken_over_once_its_lock_lapses(generator, tmp_path, redis_prefix, redis_client):
+    """A replica took the lock and died (no renewal, no release); another asked for the same task
+    waits while the lock lives, then runs the hypernetwork itself, once."""
+    from server.cache import RedisCache
+
+    adapter_id = generator.task_hash(TASK)
+
+    async def scenario():
+        prefix = f"{redis_prefix}dead-{os.getpid()}-{time.time_ns()}:"
+        dead = RedisCache("redis://127.0.0.1:6379/0", prefix, 60)
+        assert await dead.acquire_lock(adapter_id, 1500) is not None  # ...and then it died
+        watcher = LockWatchingGenerator(generator, redis_client, dead._key("lock", adapter_id))
+        survivor = service(watcher, tmp_path / "survivor", lock_ttl_ms=1500)
+        survivor.redis = RedisCache("redis://127.0.0.1:6379/0", prefix, 60)
+        record = await survivor.get_or_create(TASK)
+        for cache in (dead, survivor.redis):
+            await cache.close()
+        return survivor, watcher, record
+
+    survivor, watcher, record = asyncio.run(scenario())
+    assert record.adapter_id == adapter_id
+    assert watcher.lock_alive_at_run == [False]  # it ran once, and only after the dead replica's lock lapsed
+    assert survivor.metrics.hypernetwork_runs._value.get() == 1
+
+
+def test_a_delete_refused_while_redis_restarts_still_holds_once_it_is_back(generator, tmp_path, own_redis):
+    """Replica two holds an adapter in memory; Redis goes away as replica one deletes it (503:
+    the others could not be told). When Redis returns, two's follower finds it missed
+    announcements and drops what Redis no longer has: no replica serves the adapter."""
+    from server.cache import RedisCache
+
+    async def scenario():
+        one, two = service(generator, tmp_path / "one"), service(generator, tmp_path / "two")
+        for replica in (one, two):
+            replica.redis = RedisCache(own_redis.url, "fleet:", 60)
+            replica.redis.backoff_s = 0.2
+        followers = [asyncio.create_task(r.follow_deletes()) for r in (one, two)]
+        made = await one.get_or_create(TASK)
+        assert (await two.get_or_create(TASK)).tier == "redis" and two.memory.get(made.adapter_id) is not None
+        own_redis.stop()
+        with pytest.raises(ApiError) as refused:
+            await one.remove(made.adapter_id)
+        own_redis.start()
+        for _ in range(300):  # the follower resubscribes after its back-off
+            if two.memory.get(made.adapter_id) is None:
+                break
+            await asyncio.sleep(0.1)
+        with pytest.raises(ApiError) as gone:
+            await two.require(made.adapter_id)
+        for task in followers:
+            task.cancel()
+        for replica in (one, two):
+            await replica.redis.close()
+        return refused.value, gone.value
+
+    refused, gone = asyncio.run(scenario())
+    assert (refused.status, refused.code) == (503, "fleet_unreachable")
+    assert (gone.status, gone.code) == (404, "adapter_not_found")

@@ -1,14 +1,18 @@
 """vLLM's AsyncLLM in the server process, multi-LoRA: requests with different adapters share batches."""
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 from hypergen.base_model import compute_dtype
 from hypergen.engines import cpu_lora
-from hypergen.engines.base import Engine, GenerationChunk, GenerationRequest
+from hypergen.engines.base import Engine, EngineBusy, GenerationChunk, GenerationRequest
+
+log = logging.getLogger(__name__)
 
 
 # max_lora_rank values every supported vLLM accepts (0.11 refuses 1; 0.32 takes it too).
@@ -39,6 +43,8 @@ class VLLMEngine(Engine):
     _engine: Any = field(default=None, init=False)
     _ids: dict[str, int] = field(default_factory=dict, init=False)  # adapter name -> vLLM lora_int_id, stable for this process
     _next_id: Iterator[int] = field(default_factory=lambda: itertools.count(1), init=False)
+    _reviving: asyncio.Lock | None = field(default=None, init=False)
+    _revival: asyncio.Future | None = field(default=None, init=False)
 
     async def start(self) -> None:
         import torch
@@ -77,6 +83,27 @@ class VLLMEngine(Engine):
     def ready(self) -> bool:
         return self._engine is not None and not self._engine.errored
 
+    def _start_revival(self) -> None:
+        if self._revival is None or self._revival.done():
+            self._revival = asyncio.ensure_future(self._revive())
+
+    async def _revive(self) -> None:
+        """vLLM's engine core died (a crash in the worker, a killed process) and does not come back
+        by itself: start a new one. Adapters are loaded again as requests name them."""
+        self._reviving = self._reviving or asyncio.Lock()
+        async with self._reviving:
+            if self._engine is not None and not self._engine.errored:
+                return  # another request revived it first
+            log.error("the vLLM engine died; starting a new one")
+            dead, self._engine = self._engine, None
+            if dead is not None:
+                try:
+                    dead.shutdown()
+                except Exception:  # noqa: BLE001 (it is dead already)
+                    log.exception("shutting the dead engine down")
+            self._ids.clear()
+            await self.start()
+
     async def _lora(self, request: GenerationRequest):
         from vllm.lora.request import LoRARequest
 
@@ -97,6 +124,7 @@ class VLLMEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         params = SamplingParams(
             max_tokens=request.max_tokens,
@@ -109,6 +137,9 @@ class VLLMEngine(Engine):
         prompt = {"prompt_token_ids": request.prompt_token_ids}
         completion_tokens = 0
         finished = False
+        if self._engine is None or self._engine.errored:
+            self._start_revival()
+            raise EngineBusy("the engine stopped and is restarting; retry shortly")
         try:
             lora = await self._lora(request)
             async for out in self._engine.generate(prompt, params, request.request_id, lora_request=lora):
@@ -125,8 +156,12 @@ class VLLMEngine(Engine):
                     )
                     return
                 yield GenerationChunk(piece.text)
+        except EngineDeadError:
+            finished = True  # nothing to abort in a dead engine
+            self._start_revival()
+            raise EngineBusy("the engine stopped and is restarting; retry shortly") from None
         finally:
-            if not finished:  # the client went away mid-stream: free the engine's slot
+            if not finished and self._engine is not None:  # the client went away mid-stream: free the engine's slot
                 await self._engine.abort(request.request_id)
 
     async def remove_adapter(self, name: str) -> None:
