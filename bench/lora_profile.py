@@ -26,7 +26,7 @@ from pathlib import Path
 # outermost, where one name is nested, e.g. the model's forward in its layers' forwards)
 PARTS = [
     ("model forward", "forward", "models/llama.py"),
-    ("LoRA ops (linear layers)", "add_lora_linear", "punica_wrapper"),
+    ("LoRA ops (linear layers)", "add_lora_linear", ""),
     ("LoRA ops (logits)", "add_lora_logits", ""),
     ("LoRA bookkeeping", "set_active_adapters", "lora/worker_manager.py"),
     ("logits", "compute_logits", "models/llama.py"),
@@ -51,7 +51,8 @@ def profile(llm, prompts: list[str], loras: list | None, max_tokens: int) -> dic
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:4], params, lora_request=loras[:4] if loras else None, use_tqdm=False)  # warm-up, adapters loaded
+    warm = SamplingParams(max_tokens=1, temperature=0.0)
+    llm.generate(prompts, warm, lora_request=loras, use_tqdm=False)  # warm-up: every adapter loaded into a slot
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()

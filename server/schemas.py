@@ -303,7 +303,8 @@ class Usage(BaseModel):
 
 class Timings(BaseModel):
     adapter_ms: float
-    queue_ms: float
+    queue_ms: float = Field(description="Time the request waited in the engine's queue, from the engine's own timestamps; "
+                            "0 where the engine does not report them (vLLM 0.11 has no per-request timestamps).")
     generate_ms: float
 
 

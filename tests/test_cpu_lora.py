@@ -110,6 +110,22 @@ def test_uneven_groups_equal_vllm_reference_ops(lengths):
     torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("prefill", [False, True])
+def test_separate_shrink_and_expand_equal_vllm_reference(prefill):
+    """The two-step API (shrink into a [T, r] buffer, then expand) that vLLM's sharded layers call."""
+    indices = [0, 0, 0, 2, 2, -1, 1] if prefill else [2, -1, 0, 1, 2]
+    x = torch.randn(len(indices), IN)
+    a, b = stacked(4, 8, seed=6, empty_last=True)
+    outputs = []
+    for wrapper in wrappers(indices, prefill, 4):
+        buffers = torch.zeros(len(OUT_SLICES), len(indices), 8)
+        wrapper.add_shrink(buffers, x, a, 0.5)
+        y = torch.ones(len(indices), sum(OUT_SLICES))
+        wrapper.add_expand(y, buffers, b, OUT_SLICES, offset_start=0, add_inputs=True)
+        outputs.append(y)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+
+
 def test_zero_slots_are_skipped_until_an_adapter_is_loaded_into_them():
     """vLLM zeroes the slots of modules an adapter does not target; a load writes in place."""
     from hypergen.engines.cpu_lora import live_slots

@@ -130,6 +130,21 @@ def grouped_expand(h: torch.Tensor, b_stacked: torch.Tensor, y: torch.Tensor, ba
             target[b.rows] = result.to(y.dtype)
 
 
+def grouped_lora(x: torch.Tensor, a_stacked: torch.Tensor, b_stacked: torch.Tensor, y: torch.Tensor,
+                 batches: list[GroupBatch], offset: int, size: int, scale: float) -> None:
+    """y[t, offset:offset+size] += scale * B[slot(t)] A[slot(t)] x[t]: shrink and expand in one pass
+    per batch (two ``bmm``), the rank-r activations never leaving their groups."""
+    a, b_all = _flat(a_stacked), _flat(b_stacked)
+    out_dim = b_all.shape[1]
+    width = min(size, out_dim)
+    target = y[:, offset : offset + width]
+    for b in batches:
+        xs = x.index_select(0, b.padded).view(len(b.slots), b.width, -1).to(a.dtype)
+        h = torch.bmm(xs, a.index_select(0, b.slots).transpose(1, 2)) * scale
+        result = torch.bmm(h.to(b_all.dtype), b_all.index_select(0, b.slots).transpose(1, 2)).reshape(-1, out_dim)
+        target.index_add_(0, b.rows, result[b.keep, :width].to(y.dtype))
+
+
 def _wrapper_class() -> type:
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
@@ -159,6 +174,23 @@ def _wrapper_class() -> type:
             if self._sampler_batches is None:
                 self._sampler_batches = group_tokens(self.sampler_indices)
             return self._sampler_batches
+
+        def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                            lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                            *, buffer: Any = None, **kwargs: Any) -> None:
+            """Every linear layer with LoRA support: slices (q, k, v...) whose slots in this batch are
+            all zero are skipped, and a layer with none left (o_proj, the MLP for q/v adapters)
+            costs a set check."""
+            batches = self.batches
+            used = frozenset().union(*(b.slot_ids for b in batches))
+            flat_y, flat_x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+            offset = 0
+            for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
+                live = live_slots(a) & used
+                if live:
+                    mine = batches if live == used else [g for g in batches if not live.isdisjoint(g.slot_ids)]
+                    grouped_lora(flat_x, a, b, flat_y, mine, offset, size, scale)
+                offset += size
 
         def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
                             lora_b_stacked: torch.Tensor, scale: float, *, buffer: torch.Tensor | None = None,
