@@ -3,8 +3,9 @@
     .venv/bin/python bench/generate_latency.py [--checkpoint DIR] [--tasks 50]
 
 Prints one JSON line. "cold" is the first task after loading; p50/p95 are over
-the following distinct tasks (3 demos each), one at a time; batch16 is
-generate_many on 16 new tasks, per task.
+the following distinct tasks (3 demos each), one at a time, with the median of each
+stage (encoder, hypernetwork, tensors, serialisation); batch16 is generate_many on 16
+new tasks, per task.
 """
 from __future__ import annotations
 
@@ -47,11 +48,16 @@ def main() -> None:
     cold = time.perf_counter() - start
 
     times = []
+    stages: dict[str, list[float]] = {"encode_ms": [], "hypernetwork_ms": [], "tensors_ms": [], "bytes_ms": []}
     for i in range(args.tasks):
         task = make_task(i)
         start = time.perf_counter()
-        gen.generate(task).to_bytes()
+        adapter = gen.generate(task)
+        made = time.perf_counter()
+        adapter.to_bytes()
         times.append(time.perf_counter() - start)
+        for name, value in {**gen.last_timings, "bytes_ms": (time.perf_counter() - made) * 1000}.items():
+            stages[name].append(value)
     times.sort()
 
     batch = [make_task(1000 + i) for i in range(16)]
@@ -64,6 +70,7 @@ def main() -> None:
         "p50_ms": ms(statistics.median(times)),
         "p95_ms": ms(times[int(0.95 * (len(times) - 1))]),
         "batch16_ms_per_task": ms(batch16),
+        "p50_stages_ms": {name: round(statistics.median(values), 2) for name, values in stages.items()},
         "cold_ms": ms(cold),
         "tasks": args.tasks,
         "threads": torch.get_num_threads(),

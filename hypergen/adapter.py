@@ -177,7 +177,7 @@ def _digest(info: dict[str, Any], blob: bytes) -> str:
     (n,) = struct.unpack("<Q", blob[:8])
     digest = hashlib.sha256(canonical_json({k: v for k, v in info.items() if k != "sha256"}).encode())
     digest.update(canonical_json(header).encode())
-    digest.update(blob[8 + n :])
+    digest.update(memoryview(blob)[8 + n :])  # no copy of the tensor bytes
     return digest.hexdigest()
 
 

@@ -7,6 +7,7 @@ adapters (CLI, server, evaluation) goes through it.
 from __future__ import annotations
 
 import logging
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,6 +52,7 @@ class HyperGenerator:
         self.checkpoint = checkpoint
         self.device = device
         self._selector: PoolSelector | None = None
+        self.last_timings: dict[str, float] = {}  # ms per stage of the last generate_many (benchmarks, profiling)
 
     @classmethod
     def from_pretrained(
@@ -137,9 +139,16 @@ class HyperGenerator:
         """One batched encoder call and one batched hypernetwork pass for all tasks."""
         if not tasks:
             return []
+        start = time.perf_counter()
         batch = encode_tasks(self.encoder, tasks, self.network.config.demo_encoding, self.device)
+        encoded = time.perf_counter()
         weights = self.network(batch.items, batch.kinds, batch.mask)
-        return [self._adapter(t, weights, self.task_hash(task)) for t, task in enumerate(tasks)]
+        ran = time.perf_counter()
+        adapters = [self._adapter(t, weights, self.task_hash(task)) for t, task in enumerate(tasks)]
+        done = time.perf_counter()
+        self.last_timings = {"encode_ms": (encoded - start) * 1000, "hypernetwork_ms": (ran - encoded) * 1000,
+                             "tensors_ms": (done - ran) * 1000}
+        return adapters
 
     @torch.inference_mode()
     def shared_adapter(self) -> Adapter:
