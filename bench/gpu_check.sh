@@ -10,6 +10,7 @@
 # writes one JSON summary (OUT_DIR/summary.json). Every step has its own time limit and the whole
 # script stops itself at 470 s; a step that fails or runs out of time is recorded, not fatal.
 # Redis: the host's on 127.0.0.1:6379 if it answers, else none (in-process cache).
+# A dry run of the script itself on a CPU host with hypergen installed: SKIP_INSTALL=1 DEVICE=cpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu-check}
@@ -27,11 +28,12 @@ step() {  # step NAME SECONDS COMMAND...: runs with a limit, keeps stdout's last
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
-step install 240 bash docker/install.sh --gpu --dev
+device=${DEVICE:-cuda}
+[ -n "${SKIP_INSTALL:-}" ] || step install 240 bash docker/install.sh --gpu --dev
 redis_url=""
 (echo PING | timeout 2 bash -c 'cat > /dev/tcp/127.0.0.1/6379') 2>/dev/null && redis_url=redis://127.0.0.1:6379/0
 port=8765
-HYPERGEN_DEVICE=cuda HYPERGEN_ENGINE=vllm HYPERGEN_MAX_LORAS=64 HYPERGEN_PORT=$port HYPERGEN_REDIS_URL=$redis_url VLLM_NO_USAGE_STATS=1 \
+HYPERGEN_DEVICE=$device HYPERGEN_ENGINE=vllm HYPERGEN_MAX_LORAS=64 HYPERGEN_PORT=$port HYPERGEN_REDIS_URL=$redis_url VLLM_NO_USAGE_STATS=1 \
   .venv/bin/hypergen serve > "$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
@@ -41,7 +43,7 @@ until curl -sf "$url/readyz" > /dev/null; do
   sleep 2
 done
 step smoke 60 .venv/bin/python bench/smoke.py --url "$url"
-step generate_latency 60 env HYPERGEN_DEVICE=cuda .venv/bin/python bench/generate_latency.py
+step generate_latency 60 .venv/bin/python bench/generate_latency.py --device "$device"
 step serve_latency 90 .venv/bin/python bench/serve_latency.py --url "$url"
 step serve_throughput 120 .venv/bin/python bench/serve_throughput.py --url "$url"
 .venv/bin/python - "$out" <<'PY'

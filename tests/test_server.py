@@ -300,10 +300,12 @@ def test_streaming_clients_that_leave_early_give_their_slots_back(vllm_server, c
 def test_a_replica_that_releases_its_lock_without_a_result_is_not_waited_for(client, redis_client, redis_prefix, generator):
     """Another replica holds the creation lock, then drops it without writing (its Redis write
     failed): this one computes the adapter itself instead of waiting out the 30 s lock."""
-    from hypergen.task import Task
+    from hypergen.task import Task, task_hash
 
     task = new_task("lock")
-    lock = f"{redis_prefix}lock:{generator.task_hash(Task.from_dict(task))}"
+    # the server's own fingerprint: its checkpoint holds the test network's weights in bf16
+    adapter_id = task_hash(Task.from_dict(task), client.get("/readyz").json()["hypernetwork"], generator.spec.to_dict())
+    lock = f"{redis_prefix}lock:{adapter_id}"
     redis_client.set(lock, "another-replica", px=30_000)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(lambda: client.post("/adapters", json=task, timeout=15))
@@ -312,6 +314,7 @@ def test_a_replica_that_releases_its_lock_without_a_result_is_not_waited_for(cli
         redis_client.delete(lock)
         created = pending.result()  # well before the lock's 30 s TTL (the client gives up at 15 s)
     assert created.status_code == 200 and created.json()["cached"] is False
+    assert created.json()["adapter_id"] == adapter_id
 
 
 def test_composition_with_weights_one_and_zero_answers_as_the_first_adapter(client):

@@ -47,6 +47,15 @@ class GroupBatch:
     keep: torch.Tensor  # [groups * width] True for real rows
     rows: torch.Tensor  # token of each real row, in padded order
     width: int
+    padding: bool  # some rows are padding (else keep is all True)
+    in_order: bool  # one batch of every token in order, no padding: no gather or scatter needed
+    slot_range: tuple[int, int] | None  # the slots are lo..hi-1 in order: weights are a view, not a copy
+
+    def weights(self, stacked_t: torch.Tensor) -> torch.Tensor:
+        """These groups' slots of a [slots, ...] tensor."""
+        if self.slot_range is not None:
+            return stacked_t[self.slot_range[0] : self.slot_range[1]]
+        return stacked_t.index_select(0, self.slots)
 
 
 def group_tokens(indices: torch.Tensor) -> list[GroupBatch]:
@@ -76,7 +85,13 @@ def group_tokens(indices: torch.Tensor) -> list[GroupBatch]:
             padded.append(torch.cat([mine, mine[:1].expand(width - sizes[g])]))
             keep.append(torch.arange(width) < sizes[g])
             rows.append(mine)
-        out.append(GroupBatch(slots[groups], frozenset(slots[groups].tolist()), torch.cat(padded), torch.cat(keep), torch.cat(rows), width))
+        rows_t, keep_t = torch.cat(rows), torch.cat(keep)
+        padding = not bool(keep_t.all())
+        in_order = not padding and rows_t.numel() == indices.numel() and bool((rows_t == torch.arange(indices.numel())).all())
+        ids = slots[groups].tolist()
+        contiguous = ids == list(range(ids[0], ids[0] + len(ids)))
+        out.append(GroupBatch(slots[groups], frozenset(ids), torch.cat(padded), keep_t, rows_t, width, padding, in_order,
+                              (ids[0], ids[0] + len(ids)) if contiguous else None))
     return out
 
 
@@ -85,17 +100,28 @@ def _flat(stacked: torch.Tensor) -> torch.Tensor:
     return stacked.squeeze(1) if stacked.dim() == 4 else stacked
 
 
+def _per_version(stacked: torch.Tensor, name: str, make):  # noqa: ANN001, ANN202
+    """``make(stacked)``, kept on the tensor until its version changes (vLLM writes slots in place)."""
+    version = stacked._version
+    hit = getattr(stacked, name, None)
+    if hit is None or hit[0] != version:
+        hit = (version, make(stacked))
+        setattr(stacked, name, hit)
+    return hit[1]
+
+
+def transposed(stacked: torch.Tensor) -> torch.Tensor:
+    """[slots, b, a] contiguous from vLLM's [slots, (1,) a, b]: the layout ``bmm`` reads fastest,
+    made once per weight change rather than on every call."""
+    return _per_version(stacked, "_hypergen_t", lambda t: _flat(t).transpose(1, 2).contiguous())
+
+
 def live_slots(stacked: torch.Tensor) -> frozenset[int]:
     """Slots whose weights are not all zero. vLLM wraps every linear layer and the lm_head and
     zeroes the slots of modules an adapter does not target (k_proj, o_proj, the MLP, lm_head for
     q/v adapters); those cost nothing here. Recomputed only when the weights change (a load
     or an eviction bumps the tensor's version); kept on the tensor itself, so it goes with it."""
-    version = stacked._version
-    hit = getattr(stacked, "_hypergen_live", None)
-    if hit is None or hit[0] != version:
-        hit = (version, frozenset(_flat(stacked).flatten(1).any(1).nonzero().flatten().tolist()))
-        stacked._hypergen_live = hit
-    return hit[1]
+    return _per_version(stacked, "_hypergen_live", lambda t: frozenset(_flat(t).flatten(1).any(1).nonzero().flatten().tolist()))
 
 
 def grouped_shrink(x: torch.Tensor, a_stacked: torch.Tensor, out: torch.Tensor, batches: list[GroupBatch], scale: float) -> None:
@@ -134,15 +160,23 @@ def grouped_lora(x: torch.Tensor, a_stacked: torch.Tensor, b_stacked: torch.Tens
                  batches: list[GroupBatch], offset: int, size: int, scale: float) -> None:
     """y[t, offset:offset+size] += scale * B[slot(t)] A[slot(t)] x[t]: shrink and expand in one pass
     per batch (two ``bmm``), the rank-r activations never leaving their groups."""
-    a, b_all = _flat(a_stacked), _flat(b_stacked)
-    out_dim = b_all.shape[1]
+    a_t, b_t = transposed(a_stacked), transposed(b_stacked)  # [slots, in, r], [slots, r, out]
+    out_dim = b_t.shape[2]
     width = min(size, out_dim)
     target = y[:, offset : offset + width]
     for b in batches:
-        xs = x.index_select(0, b.padded).view(len(b.slots), b.width, -1).to(a.dtype)
-        h = torch.bmm(xs, a.index_select(0, b.slots).transpose(1, 2)) * scale
-        result = torch.bmm(h.to(b_all.dtype), b_all.index_select(0, b.slots).transpose(1, 2)).reshape(-1, out_dim)
-        target.index_add_(0, b.rows, result[b.keep, :width].to(y.dtype))
+        xs = x if b.in_order else x.index_select(0, b.padded)
+        h = torch.bmm(xs.view(len(b.slots), b.width, -1).to(a_t.dtype), b.weights(a_t))
+        if scale != 1.0:
+            h.mul_(scale)
+        result = torch.bmm(h.to(b_t.dtype), b.weights(b_t)).view(-1, out_dim)
+        if b.padding:
+            result = result[b.keep]
+        result = result[:, :width].to(y.dtype)
+        if b.in_order:
+            target += result
+        else:
+            target.index_add_(0, b.rows, result)
 
 
 def _wrapper_class() -> type:
