@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scoring import SCORED, Item, score_runs
+from scoring import SCORED, Item, held_out_demos, score_runs
 
 K_DEMOS = 3  # the card's generated adapter
 KS = (3, 8)
@@ -40,12 +40,6 @@ TIE = 0.5  # ROUGE-L points, as the card
 
 CONDITIONS = ["base", "generated", *(f"{by}_k{k}" for k in KS for by in (*BY, "ensemble")), "shared",
               *(f"mix_g{g:g}_s{s:g}" for g, s in MIXES)]
-
-
-def pool_of(task) -> list:  # noqa: ANN001 (TaskData)
-    from hypergen.task import Demo
-
-    return [Demo(i.input, i.outputs[0]) for i in task.instances[SCORED:] if i.outputs[0].strip()]
 
 
 def build_adapters(args: argparse.Namespace, tasks: list, out: Path) -> dict[str, list[Item]]:
@@ -69,7 +63,7 @@ def build_adapters(args: argparse.Namespace, tasks: list, out: Path) -> dict[str
     runs: dict[str, list[Item]] = {}
     distinct: dict[str, float] = {}
     for task in tasks:
-        pool, scored = pool_of(task), task.instances[:SCORED]
+        pool, scored = held_out_demos(task), task.instances[:SCORED]
         inputs = [i.input for i in scored]
         generated = hyper.generate(task.task(demos_for(task, K_DEMOS, SCORED)))
         per_input: dict[str, list] = {"base": [None] * len(scored), "generated": [saved(generated)] * len(scored),
@@ -108,7 +102,7 @@ def summarise(args: argparse.Namespace, tasks: list, scores: dict[str, dict[str,
     targets = {f"nearest_k{k} >= first_k{k} + 2 ROUGE-L": {"gain": mean[f"nearest_k{k}"]["rougeL"] - mean[f"first_k{k}"]["rougeL"],
                                                            "met": mean[f"nearest_k{k}"]["rougeL"] >= mean[f"first_k{k}"]["rougeL"] + 2} for k in KS}
     return {
-        "setup": {"tasks": [t.name for t in tasks], "pool_sizes": {t.name: len(pool_of(t)) for t in tasks}, "scored_per_task": SCORED,
+        "setup": {"tasks": [t.name for t in tasks], "pool_sizes": {t.name: len(held_out_demos(t)) for t in tasks}, "scored_per_task": SCORED,
                   "ensemble": args.ensemble, "checkpoint": args.checkpoint,
                   "command": " ".join(["bench/pools.py", *sys.argv[1:]])},
         "mean": mean, "distinct_adapters_per_task": json.loads((out / "distinct.json").read_text()),

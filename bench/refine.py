@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scoring import SCORED
+from scoring import SCORED, held_out_demos
 
 TEST_EVERY = 4
 N_TASKS = 6
@@ -45,9 +45,7 @@ def pick_tasks(sni: str, count: int) -> list:
 
 
 def examples_of(task, n: int) -> list:
-    from hypergen.task import Demo
-
-    return [Demo(i.input, i.outputs[0]) for i in task.instances[SCORED:] if i.outputs[0].strip()][:n]
+    return held_out_demos(task)[:n]
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, int]]:

@@ -21,6 +21,14 @@ RUNS_PER_CALL = 8
 ADAPTERS_PER_CALL = 8
 
 
+def held_out_demos(task) -> list:  # noqa: ANN001 (TaskData)
+    """A task's instances after the scored ones, as demos (blank outputs left out): what a bench may
+    train on, select from or describe the task with, never what it scores."""
+    from hypergen.task import Demo
+
+    return [Demo(i.input, i.outputs[0]) for i in task.instances[SCORED:] if i.outputs[0].strip()]
+
+
 @dataclass(frozen=True)
 class Item:
     """One scored answer: the prompt's pieces, the adapter folder (None: the base model), the references."""

@@ -28,11 +28,13 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from hypergen.task import TASK_HASH_PATTERN
+
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-hypergen-replica"
 ADAPTER_PATH = re.compile(r"^/adapters/(?!compose$)([^/]+)")
-ADAPTER_ID = re.compile(r"^[0-9a-f]{64}$")
+ADAPTER_ID = re.compile(TASK_HASH_PATTERN)  # what an adapter id looks like (the task hash)
 HELD_PER_REPLICA = 64  # adapter ids Ray remembers per replica for routing (the engine holds max_cpu_loras)
 
 

@@ -8,20 +8,15 @@ import os
 import signal
 import subprocess
 import time
-import uuid
-
 import httpx
 import pytest
 
 from launcher import ServerProcess
+from test_server import new_task
 
 pytest.importorskip("ray.serve")
 
 REPLICA = "x-hypergen-replica"
-
-
-def new_task(label: str) -> dict:
-    return {"instruction": f"Answer in the style {label} {uuid.uuid4().hex[:8]}.", "demos": [{"input": "hot", "output": "cold"}]}
 
 
 @pytest.fixture(scope="module")

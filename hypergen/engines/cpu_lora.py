@@ -24,7 +24,6 @@ at ``GroupedPunicaWrapperCPU``. GPUs keep vLLM's kernels.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,7 +263,10 @@ def __getattr__(name: str) -> Any:
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """The ``cpu_lora_ops`` setting, read from this process's environment (the server exports it)."""
+    from hypergen.settings import get_settings
+
+    return get_settings().cpu_lora_ops
 
 
 def register() -> None:

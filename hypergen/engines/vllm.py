@@ -43,8 +43,7 @@ class VLLMEngine(Engine):
     _engine: Any = field(default=None, init=False)
     _ids: dict[str, int] = field(default_factory=dict, init=False)  # adapter name -> vLLM lora_int_id, stable for this process
     _next_id: Iterator[int] = field(default_factory=lambda: itertools.count(1), init=False)
-    _reviving: asyncio.Lock | None = field(default=None, init=False)
-    _revival: asyncio.Future | None = field(default=None, init=False)
+    _revival: asyncio.Future | None = field(default=None, init=False)  # at most one revival runs at a time
 
     async def start(self) -> None:
         import torch
@@ -90,19 +89,17 @@ class VLLMEngine(Engine):
     async def _revive(self) -> None:
         """vLLM's engine core died (a crash in the worker, a killed process) and does not come back
         by itself: start a new one. Adapters are loaded again as requests name them."""
-        self._reviving = self._reviving or asyncio.Lock()
-        async with self._reviving:
-            if self._engine is not None and not self._engine.errored:
-                return  # another request revived it first
-            log.error("the vLLM engine died; starting a new one")
-            dead, self._engine = self._engine, None
-            if dead is not None:
-                try:
-                    dead.shutdown()
-                except Exception:  # noqa: BLE001 (it is dead already)
-                    log.exception("shutting the dead engine down")
-            self._ids.clear()
-            await self.start()
+        if self._engine is not None and not self._engine.errored:
+            return  # an earlier revival already brought it back
+        log.error("the vLLM engine died; starting a new one")
+        dead, self._engine = self._engine, None
+        if dead is not None:
+            try:
+                dead.shutdown()
+            except Exception:  # noqa: BLE001 (it is dead already)
+                log.exception("shutting the dead engine down")
+        self._ids.clear()
+        await self.start()
 
     async def _lora(self, request: GenerationRequest):
         from vllm.lora.request import LoRARequest
