@@ -32,16 +32,34 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
+def against_float32(gen: HyperGenerator, tasks: list) -> dict[str, float]:
+    """How far this generator's adapters and embeddings are from float32 ones for the same tasks:
+    the largest |adapter - float32 adapter| relative to the float32 adapter's per-task correction
+    (adapter minus the shared LoRA), and the lowest cosine between the two encoders' embeddings."""
+    exact = HyperGenerator.from_pretrained(gen.checkpoint, device=gen.device, dtype="float32")
+    shared = exact.shared_adapter().tensors
+    worst, lowest = 0.0, 1.0
+    for task in tasks:
+        a, b = exact.generate(task), gen.generate(task)
+        diff = sum(float((a.tensors[k] - b.tensors[k]).norm()) ** 2 for k in a.tensors) ** 0.5
+        correction = sum(float((a.tensors[k] - shared[k]).norm()) ** 2 for k in a.tensors) ** 0.5
+        worst = max(worst, diff / max(correction, 1e-12))
+    texts = [exact.encoder.single(t.instruction) for t in tasks] + [exact.encoder.pair(d.input, d.output) for t in tasks for d in t.demos]
+    lowest = float((exact.encoder.embed_ids(texts) * gen.encoder.embed_ids(texts)).sum(-1).min())
+    return {"max_adapter_diff_over_correction": worst, "min_embedding_cosine": round(lowest, 6)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=get_settings().checkpoint)
     parser.add_argument("--device", default=get_settings().device, help="the hypernetwork's device (HYPERGEN_DEVICE)")
+    parser.add_argument("--dtype", default=get_settings().generator_dtype, help="compute dtype of the encoder and hypernetwork (HYPERGEN_GENERATOR_DTYPE)")
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    gen = HyperGenerator.from_pretrained(args.checkpoint, device=args.device)
+    gen = HyperGenerator.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
 
     start = time.perf_counter()
     gen.generate(make_task(-1)).to_bytes()
@@ -66,6 +84,8 @@ def main() -> None:
         adapter.to_bytes()
     batch16 = (time.perf_counter() - start) / 16
 
+    rounding = against_float32(gen, [make_task(i) for i in range(20)]) if gen.compute_dtype != "float32" else None
+
     print(json.dumps({
         "p50_ms": ms(statistics.median(times)),
         "p95_ms": ms(times[int(0.95 * (len(times) - 1))]),
@@ -76,6 +96,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "checkpoint": gen.checkpoint,
         "device": args.device,
+        "dtype": gen.compute_dtype,
+        "vs_float32": rounding,
     }))
 
 

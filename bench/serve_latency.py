@@ -4,7 +4,8 @@
 
 Without --url it starts `hypergen serve` (vLLM engine, Redis from HYPERGEN_REDIS_URL,
 default redis://127.0.0.1:6379/0, under a fresh key prefix). Server-side times come
-from the Server-Timing header; client-side times include HTTP on loopback.
+from the Server-Timing header; client-side times include HTTP on loopback; the miss's generation part (encoder, network,
+serialisation, on the server's hypernetwork thread) is the mean from its /metrics.
 Prints one JSON line.
 """
 from __future__ import annotations
@@ -45,6 +46,16 @@ def ttft(client: httpx.Client, body: dict) -> float:
     raise RuntimeError("no token came back")
 
 
+def hypernetwork_seconds(client: httpx.Client) -> tuple[float, float]:
+    """(sum, count) of the server's hypergen_hypernetwork_seconds histogram (encode + network + bytes)."""
+    values = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(("hypergen_hypernetwork_seconds_sum", "hypergen_hypernetwork_seconds_count")):
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0].rsplit("_", 1)[1]] = float(value)
+    return values.get("sum", 0.0), values.get("count", 0.0)
+
+
 def create(client: httpx.Client, task, cached: bool, client_ms: list[float], server_ms_: list[float]) -> dict:  # noqa: ANN001
     """POST /adapters once, recording client- and server-side milliseconds; checks the cache tier."""
     start = time.perf_counter()
@@ -71,8 +82,11 @@ def main() -> None:
         with httpx.Client(base_url=args.url, timeout=300) as client:
             tasks = [synthetic_task(offset + i) for i in range(args.n)]
             miss_srv, miss_cli, hit_srv, hit_cli, ids = [], [], [], [], []
+            before = hypernetwork_seconds(client)
             for task, _ in tasks:
                 ids.append(create(client, task, False, miss_cli, miss_srv)["adapter_id"])
+            after = hypernetwork_seconds(client)
+            generation_ms = 1000 * (after[0] - before[0]) / max(1.0, after[1] - before[1])
             for _ in range(3):
                 for task, _ in tasks:
                     create(client, task, True, hit_cli, hit_srv)
@@ -88,6 +102,7 @@ def main() -> None:
         print(json.dumps({
             "adapter_miss_server_ms": {"p50": pct(miss_srv, .5), "p95": pct(miss_srv, .95)},
             "adapter_miss_client_ms": {"p50": pct(miss_cli, .5), "p95": pct(miss_cli, .95)},
+            "adapter_miss_generation_mean_ms": round(generation_ms, 2),  # of the miss: encode + network + bytes
             "adapter_hit_server_ms": {"p50": pct(hit_srv, .5), "p95": pct(hit_srv, .95)},
             "adapter_hit_client_ms": {"p50": pct(hit_cli, .5), "p95": pct(hit_cli, .95)},
             "ttft_ms": {"new_adapter_p50": pct(new, .5), "resident_adapter_p50": pct(resident, .5), "base_p50": pct(base, .5)},

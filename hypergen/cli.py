@@ -17,7 +17,8 @@ def _generator(args: argparse.Namespace):
 
     settings = get_settings()
     return HyperGenerator.from_pretrained(
-        args.checkpoint or settings.checkpoint, base_model=args.base_model or None, device=settings.device
+        args.checkpoint or settings.checkpoint, base_model=args.base_model or None, device=settings.device,
+        dtype=settings.generator_dtype,
     )
 
 
@@ -110,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sni_dir=args.sni_dir, out_dir=args.out, split=args.split, tasks=args.task, methods=args.methods.split(","),
         max_instances=args.max_instances, k_demos=args.k, max_tokens=args.max_tokens,
         checkpoint=args.checkpoint or "default", base_model=args.base_model, multitask_lora=args.multitask_lora,
-        oracle_dir=args.oracle_dir, engine=args.engine,
+        oracle_dir=args.oracle_dir, engine=args.engine, generator_dtype=args.generator_dtype,
     )
     result = Evaluation(config).run()
     print(json.dumps(result["methods"], indent=2))
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--multitask-lora", help="PEFT folder of the multi-task LoRA")
     ev.add_argument("--oracle-dir", help="folder of per-task LoRAs: <task>/adapter")
     ev.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
+    ev.add_argument("--generator-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                    help="compute dtype of the encoder and hypernetwork (float32: exact; a server uses HYPERGEN_GENERATOR_DTYPE)")
     ev.add_argument("--out", required=True, help="output folder (eval.json, eval.md, eval.png); re-run to resume")
     model_args(ev)
     ev.set_defaults(func=cmd_eval)

@@ -52,14 +52,14 @@ class TaskEncoder:
     steps) lifts the bound, so each distinct sequence is embedded once.
     """
 
-    def __init__(self, name: str, device: str = "cpu") -> None:
+    def __init__(self, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_encoder(name)
         self.name = name
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.model_max_length = 1 << 30  # we cut to WINDOW ourselves; silence the length warning
-        self.model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+        self.model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
         self.device = device
         self.dim = int(self.model.config.hidden_size)
         self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
@@ -126,7 +126,7 @@ class TaskEncoder:
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # pooled in float32
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1).float().cpu()

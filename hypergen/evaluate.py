@@ -10,7 +10,9 @@ removing punctuation, articles and extra spaces), both in percent.
 Demos (for ``icl`` and ``generated``) come from the task's Positive Examples, topped up
 from instances outside the scored ones; the scored instances are each task's first
 ``max_instances``, so per-task oracle LoRAs train on the rest. ``generated`` uses
-``k_demos`` demos; ``generated_N`` (e.g. ``generated_0``, ``generated_8``) uses N.
+``k_demos`` demos; ``generated_N`` (e.g. ``generated_0``, ``generated_8``) uses N; ``shared`` is
+the checkpoint's shared LoRA alone (what every generated adapter corrects), which tells
+whether the per-task correction helps on these tasks.
 Results are written per (method, task) as they finish, so an interrupted evaluation
 resumes where it stopped.
 
@@ -41,7 +43,7 @@ from hypergen.task import Demo
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "icl", "generated", "multitask_lora", "oracle_lora")
+METHODS = ("base", "icl", "generated", "shared", "multitask_lora", "oracle_lora")
 MAX_LABELS = 10
 TIE_MARGIN = 0.5  # ROUGE-L points; closer than this is a tie
 GENERATED_N = re.compile(r"^generated_(\d+)$")
@@ -62,6 +64,7 @@ class EvalConfig:
     multitask_lora: str | None = None
     oracle_dir: str | None = None
     engine: str = "auto"  # auto: vLLM when installed, else transformers; built like the server's (HYPERGEN_* settings)
+    generator_dtype: str = "float32"  # the encoder's and hypernetwork's compute dtype (a server's: HYPERGEN_GENERATOR_DTYPE)
 
 
 # --- metrics -------------------------------------------------------------------
@@ -118,8 +121,9 @@ class Evaluation:
         self.out = Path(config.out_dir)
         (self.out / "partial").mkdir(parents=True, exist_ok=True)
         self.tasks = load_sni(config.sni_dir, config.split, names=config.tasks)
-        uses_hyper = any(m == "generated" or _demo_count(m) is not None for m in config.methods)
-        self.hyper = HyperGenerator.from_pretrained(config.checkpoint, base_model=config.base_model) if uses_hyper else None
+        uses_hyper = any(m in ("generated", "shared") or _demo_count(m) is not None for m in config.methods)
+        self.hyper = (HyperGenerator.from_pretrained(config.checkpoint, base_model=config.base_model, dtype=config.generator_dtype)
+                      if uses_hyper else None)
         base = config.base_model or (self.hyper.base_model if self.hyper else "smollm2-135m-instruct")
         self.base = base
         self.tokenizer = load_tokenizer(base)
@@ -130,7 +134,7 @@ class Evaluation:
 
     def _check_resume(self) -> None:
         """Partial results are reused only under the same setup (data, budget, checkpoint, baselines)."""
-        keys = ("sni_dir", "split", "max_instances", "k_demos", "max_tokens", "multitask_lora", "oracle_dir")
+        keys = ("sni_dir", "split", "max_instances", "k_demos", "max_tokens", "multitask_lora", "oracle_dir", "generator_dtype")
         setup = {k: getattr(self.config, k) for k in keys}
         setup["hypernetwork"] = self.hyper.fingerprint if self.hyper else None
         setup["base_model"] = self.base
@@ -156,6 +160,11 @@ class Evaluation:
             folder = self.out / "adapters" / (task.name if method == "generated" else f"{task.name}.k{k}")
             if not (folder / PEFT_CONFIG_FILE).is_file():
                 self.hyper.generate(task.task(demos_for(task, k, self.config.max_instances))).save_peft(folder)
+            return str(folder)
+        if method == "shared":
+            folder = self.out / "adapters" / "_shared"
+            if not (folder / PEFT_CONFIG_FILE).is_file():
+                self.hyper.shared_adapter().save_peft(folder)
             return str(folder)
         if method == "multitask_lora":
             return self.config.multitask_lora or False
@@ -288,7 +297,7 @@ def wins_ties_losses(tasks: dict[str, dict[str, dict[str, float]]]) -> dict[str,
     """{generated method: {baseline: {wins, ties, losses}}} over tasks both were scored on (ROUGE-L)."""
     methods = sorted({m for scores in tasks.values() for m in scores})
     generated = [m for m in methods if m == "generated" or _demo_count(m) is not None]
-    baselines = [m for m in ("base", "icl", "multitask_lora", "oracle_lora") if m in methods]
+    baselines = [m for m in ("base", "icl", "shared", "multitask_lora", "oracle_lora") if m in methods]
     out: dict[str, dict[str, dict[str, int]]] = {}
     for g in generated:
         for b in baselines:

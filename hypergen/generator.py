@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from hypergen.adapter import Adapter, peft_key
-from hypergen.base_model import load_dims
+from hypergen.base_model import compute_dtype, load_dims
 from hypergen.encoder import TaskEncoder
 from hypergen.errors import CheckpointError
 from hypergen.hypernet import HyperNetConfig, HyperNetwork
@@ -60,8 +60,13 @@ class HyperGenerator:
         checkpoint: str | Path = DEFAULT_CHECKPOINT,
         base_model: str | None = None,
         device: str = "cpu",
+        dtype: str = "float32",
     ) -> "HyperGenerator":
         """Loads a checkpoint folder, or 'default' for the packaged one, and checks it fits the base.
+
+        ``dtype`` is the compute dtype of the encoder and the network (``HyperNetwork.compute_in``;
+        ``auto`` as for the base model): float32 by default, so library calls and evaluations are
+        exact; the server and CLI pass ``HYPERGEN_GENERATOR_DTYPE``.
 
         With 'default' and no trained checkpoint in the package (a source tree
         before training), an untrained network for the base model is built
@@ -75,9 +80,11 @@ class HyperGenerator:
         else:
             path = Path(checkpoint).expanduser()
         network, fingerprint = HyperNetwork.load(path, device=device)
+        torch_dtype = getattr(torch, compute_dtype(dtype))
+        network.compute_in(torch_dtype)
         base = base_model or network.config.base_model
         network.config.check_base(load_dims(base))
-        encoder = TaskEncoder(network.config.encoder, device=device)
+        encoder = TaskEncoder(network.config.encoder, device=device, dtype=torch_dtype)
         if encoder.dim != network.config.encoder_dim:
             raise CheckpointError(
                 f"encoder {network.config.encoder!r} gives {encoder.dim}-d vectors; the checkpoint expects {network.config.encoder_dim}",
@@ -107,6 +114,11 @@ class HyperGenerator:
     @property
     def spec(self) -> LoraSpec:
         return self.network.spec
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the network's heads compute in (``HyperNetwork.compute_in``)."""
+        return str(self.network.mix.weight.dtype).removeprefix("torch.")
 
     @property
     def trained(self) -> bool:
@@ -186,6 +198,7 @@ class HyperGenerator:
             "training": self.network.config.training,
             "lora_spec": self.spec.to_dict(),
             "hypernetwork_params": n_params,
+            "hypernetwork_dtype": self.compute_dtype,
             "adapter_params": self.spec.num_adapter_params(),
             "encoder_params": sum(p.numel() for p in self.encoder.model.parameters()),
         }

@@ -105,6 +105,9 @@ class TrainConfig(BaseModel):
     jsonl_tasks: list[str] = Field(default_factory=list)
     synthetic_tasks: int = 0
     paraphrase_prob: float = 0.0
+    instruction_dropout: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="share of task descriptions trained without their instruction (demos only), so the network must read demos")
     pretrain_texts: str | None = Field(default=None, description="text file (one document a line); default: the training tasks' inputs")
     lora_library: str | None = Field(default=None, description="folder of PEFT LoRAs named by task, for 'reconstruct'")
 
@@ -240,6 +243,8 @@ class Trainer:
         instruction = task.instruction
         if self.config.paraphrase_prob and rng.random() < self.config.paraphrase_prob:
             instruction = paraphrase(instruction, rng)
+        if self.config.instruction_dropout and pool and rng.random() < self.config.instruction_dropout:
+            instruction = ""
         if not instruction.strip() and k == 0:
             k = 1
         return Task(instruction, tuple(rng.sample(pool, k)))

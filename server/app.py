@@ -45,7 +45,7 @@ async def build_state(settings: Settings):
     from server.tenants import Tenants
 
     generator = await asyncio.to_thread(
-        HyperGenerator.from_pretrained, settings.checkpoint, settings.base_model, settings.device
+        HyperGenerator.from_pretrained, settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype
     )
     base_name = generator.base_model
     model_path = resolve_base_model(base_name)

@@ -68,6 +68,30 @@ def test_grouped_ops_equal_vllm_reference_ops(rank, slots, prefill, tokens):
 
 
 @pytest.mark.parametrize("prefill", [False, True])
+def test_q_and_v_adapters_run_fused_and_equal_vllm_reference_ops(prefill):
+    """Adapters for q and v only (k's slots zero, as vLLM leaves them): one fused pass per layer."""
+    from hypergen.engines.cpu_lora import fused_slices
+
+    indices = [0, 0, 0, 2, 2, -1, 1, 1] if prefill else [2, -1, 0, 1, 2, 0]
+    x = torch.randn(len(indices), IN)
+    a, b = stacked(4, 8, seed=9, empty_last=True)
+    a[1].zero_(), b[1].zero_()  # no adapter targets k
+    fused = fused_slices(a, b, OUT_SLICES)
+    assert fused is not None and fused.start == 0
+    assert fused.a_t.shape == (4, IN, 16) and fused.b_t.shape == (4, 16, sum(OUT_SLICES))  # q and v; k's columns zero
+    ys = []
+    for wrapper in wrappers(indices, prefill, 4):
+        y = torch.randn(len(indices), sum(OUT_SLICES), generator=torch.Generator().manual_seed(1))
+        wrapper.add_lora_linear(y, x, a, b, 0.5, OUT_SLICES)
+        ys.append(y)
+    torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-4)
+    b[2][0].add_(1.0)  # an adapter loaded in place: the fused weights follow
+    assert fused_slices(a, b, OUT_SLICES) is not fused
+    only_q = (a[0], torch.zeros_like(a[1]), torch.zeros_like(a[2]))
+    assert fused_slices(only_q, b, OUT_SLICES) is None  # one live slice: the plain path
+
+
+@pytest.mark.parametrize("prefill", [False, True])
 def test_rows_without_an_adapter_get_none_even_when_the_last_slot_is_full(prefill):
     """vLLM's CPU reference gathers weights[-1] (the last slot) for index -1 (vLLM PR #48421)."""
     indices = [3, 3, -1, -1, 0]

@@ -78,6 +78,42 @@ def test_bytes_round_trip_and_corruption_is_detected(generator):
             Adapter.from_bytes(blob.replace(before, after, 1))
 
 
+def test_blob_is_a_safetensors_file_the_library_reads(generator):
+    import json
+    import struct
+
+    from safetensors.torch import load
+
+    adapter = generator.generate(TASK)
+    adapter.tensors[peft_key(0, "q_proj", "A")] = adapter.tensors[peft_key(0, "q_proj", "A")].bfloat16()  # mixed dtypes
+    blob = adapter.to_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert n % 8 == 0  # tensor bytes start 8-aligned, as the format asks
+    header = json.loads(blob[8 : 8 + n])
+    assert header["__metadata__"]["format"] == "pt" and json.loads(header["__metadata__"]["hypergen"])["sha256"]
+    assert max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__") == len(blob) - 8 - n
+    read = load(blob)  # safetensors' own reader
+    assert read.keys() == adapter.tensors.keys() and read[peft_key(0, "q_proj", "A")].dtype == torch.bfloat16
+    assert all(torch.equal(read[k], v) for k, v in adapter.tensors.items())
+    assert Adapter.from_bytes(blob).task_hash == adapter.task_hash
+
+
+def test_bf16_generation_keeps_the_shared_lora_exact_and_the_adapter_close(generator, tmp_path):
+    generator.network.save(tmp_path / "ckpt", dtype=torch.float32)
+    exact = HyperGenerator.from_pretrained(tmp_path / "ckpt")
+    fast = HyperGenerator.from_pretrained(tmp_path / "ckpt", dtype="bfloat16")
+    assert exact.compute_dtype == "float32" and fast.compute_dtype == "bfloat16"
+    assert next(fast.encoder.model.parameters()).dtype == torch.bfloat16  # the encoder too
+    assert fast.fingerprint == exact.fingerprint and fast.task_hash(TASK) == exact.task_hash(TASK)
+    shared = exact.network.shared()
+    assert all(fast.network.shared()[m][i].dtype == torch.float32 and torch.equal(fast.network.shared()[m][i], shared[m][i])
+               for m in shared for i in (0, 1))
+    a, b = exact.generate(TASK), fast.generate(TASK)
+    assert b.tensors[peft_key(0, "q_proj", "B")].dtype == torch.float32  # emitted as float32 whatever the compute
+    for key, tensor in a.tensors.items():
+        assert (b.tensors[key] - tensor).norm() <= 0.01 * tensor.norm() + 1e-6, key
+
+
 def test_save_peft_loads_in_peft_with_identical_tensors(generator, smollm_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -11,6 +11,7 @@ from hypergen.batching import make_batch
 from hypergen.train import TrainConfig, Trainer, delta_sq_distance, delta_sq_norm
 
 from hypergen.data import load_sni
+from hypergen.generator import HyperGenerator
 from test_data import sni_task, write_sni
 
 
@@ -157,6 +158,17 @@ def test_instances_with_empty_outputs_train_but_are_never_demos(tiny_config):
         assert all(d.output.strip() for d in described.demos)
 
 
+def test_instruction_dropout_trains_some_descriptions_on_demos_alone(tiny_config):
+    trainer = Trainer(tiny_config.model_copy(update={"instruction_dropout": 0.5, "max_demos": 3}))
+    task = next(t for t in trainer.tasks if t.instruction.strip())
+    described = [trainer._describe(task, random.Random(seed), set()) for seed in range(40)]
+    dropped = [d for d in described if not d.instruction]
+    assert 5 < len(dropped) < 35  # about half
+    assert all(d.demos for d in dropped)  # a description without its instruction always has demos
+    kept = Trainer(tiny_config)._describe(task, random.Random(0), set())
+    assert kept.instruction == task.instruction  # off by default
+
+
 def test_delta_norms_match_dense_computation():
     a1, b1, a2, b2 = torch.randn(3, 4, 10), torch.randn(3, 6, 4), torch.randn(3, 4, 10), torch.randn(3, 6, 4)
     dense = (2 * b1 @ a1).pow(2).sum((-1, -2))
@@ -199,14 +211,18 @@ def test_evaluation_writes_json_table_and_chart_and_resumes(generator, checkpoin
     config = EvalConfig(
         sni_dir=str(sni), out_dir=str(tmp_path / "eval"), max_instances=3, max_tokens=6, checkpoint=str(checkpoint_dir),
         multitask_lora=str(tmp_path / "multi"), oracle_dir=str(tmp_path / "oracle"), engine="hf",
-        methods=["base", "icl", "generated", "generated_0", "multitask_lora", "oracle_lora"],
+        methods=["base", "icl", "generated", "generated_0", "shared", "multitask_lora", "oracle_lora"],
     )
     with pytest.raises(ValueError, match="--skip-first 3"):  # it cannot say it never saw the scored instances
         Evaluation(config).run()
     (oracle / TRAINING_FILE).write_text(json.dumps({"skip_first": 3}))
     result = Evaluation(config).run()
-    assert set(result["methods"]) == {"base", "icl", "generated", "generated_0", "multitask_lora", "oracle_lora"}
+    assert set(result["methods"]) == {"base", "icl", "generated", "generated_0", "shared", "multitask_lora", "oracle_lora"}
     assert (tmp_path / "eval" / "adapters" / "task_a.k0" / "adapter_config.json").is_file()
+    shared = __import__("hypergen").Adapter.load_peft(tmp_path / "eval" / "adapters" / "_shared")
+    expected = HyperGenerator.from_pretrained(str(checkpoint_dir)).shared_adapter().tensors
+    assert all(torch.equal(shared.tensors[k], v) for k, v in expected.items())  # the checkpoint's shared LoRA
+    assert "shared" in result["wins"]["generated"]  # generated is compared with its own shared part
     assert result["wins"]["generated_0"]["base"]["wins"] + result["wins"]["generated_0"]["base"]["ties"] \
         + result["wins"]["generated_0"]["base"]["losses"] == 2
     assert set(result["tasks"]) == {"task_a", "task_b"}

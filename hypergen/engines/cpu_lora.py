@@ -13,6 +13,8 @@ instead, and each op is one batched matmul over the groups:
 - groups of very different sizes (prefill: one long prompt beside short ones) go in several
   batches, each padded to within 2x of its largest group, so padding never doubles the work.
 
+A merged projection's slices (q, k, v) that hold adapters are fused into one LoRA (A side by side,
+B block-diagonal; ``FusedSlices``), so a layer is two ``bmm`` in all, not two per slice.
 The grouping is made once per engine step (``update_metadata``) and used by every layer. Rows
 without an adapter (index -1) are left alone (vLLM's reference ops, called directly, index slot
 -1, the last one, for them: vLLM PR #48421).
@@ -159,10 +161,56 @@ def grouped_lora(x: torch.Tensor, a_stacked: torch.Tensor, b_stacked: torch.Tens
                  batches: list[GroupBatch], offset: int, size: int, scale: float) -> None:
     """y[t, offset:offset+size] += scale * B[slot(t)] A[slot(t)] x[t]: shrink and expand in one pass
     per batch (two ``bmm``), the rank-r activations never leaving their groups."""
-    a_t, b_t = transposed(a_stacked), transposed(b_stacked)  # [slots, in, r], [slots, r, out]
+    b_t = transposed(b_stacked)
+    _grouped_pass(x, transposed(a_stacked), b_t[:, :, : min(size, b_t.shape[2])], y, batches, offset, scale)
+
+
+@dataclass(frozen=True)
+class FusedSlices:
+    """A layer's LoRA slices (q, k, v of a merged projection...) as one LoRA: every slice's A side
+    by side ``[slots, in, sum r]`` and their B block-diagonal ``[slots, sum r, span]``, placed at
+    the slices' output offsets. One shrink and one expand ``bmm`` then serve all slices, instead of
+    two per slice, each with its own gather and scatter of the tokens."""
+
+    a_t: torch.Tensor
+    b_t: torch.Tensor
+    start: int  # output column of the first live slice; b_t's columns cover start..start+span
+
+
+def fused_slices(a_stacked: tuple[torch.Tensor, ...], b_stacked: tuple[torch.Tensor, ...],
+                 sizes: tuple[int, ...]) -> FusedSlices | None:
+    """The fused weights of the slices that hold any adapter (None if fewer than two do); made once
+    per weight change, kept on the first A tensor. Slices no adapter targets stay out, so for
+    q/v adapters the block holds q and v, and k's columns between them get zeros."""
+    versions = tuple((id(t), t._version) for t in (*a_stacked, *b_stacked))  # these tensors, as they are now
+    hit = getattr(a_stacked[0], "_hypergen_fused", None)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    live = [i for i, a in enumerate(a_stacked) if live_slots(a)]
+    fused = None
+    if len(live) >= 2:
+        a_ts = [transposed(a_stacked[i]) for i in live]
+        b_ts = [transposed(b_stacked[i]) for i in live]
+        widths = [min(sizes[i], b.shape[2]) for i, b in zip(live, b_ts)]
+        start, end = offsets[live[0]], offsets[live[-1]] + widths[-1]
+        ranks = [a.shape[2] for a in a_ts]
+        b_cat = b_ts[0].new_zeros(b_ts[0].shape[0], sum(ranks), end - start)
+        row = 0
+        for i, b, width, rank in zip(live, b_ts, widths, ranks):
+            col = offsets[i] - start
+            b_cat[:, row : row + rank, col : col + width] = b[:, :, :width]
+            row += rank
+        fused = FusedSlices(torch.cat(a_ts, dim=2).contiguous(), b_cat, start)
+    a_stacked[0]._hypergen_fused = (versions, fused)
+    return fused
+
+
+def _grouped_pass(x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, y: torch.Tensor,
+                  batches: list[GroupBatch], offset: int, scale: float) -> None:
+    """y[t, offset:offset+out] += scale * (x[t] a_t[slot]) b_t[slot], a_t [slots, in, r], b_t [slots, r, out]."""
     out_dim = b_t.shape[2]
-    width = min(size, out_dim)
-    target = y[:, offset : offset + width]
+    target = y[:, offset : offset + out_dim]
     for b in batches:
         xs = x if b.in_order else x.index_select(0, b.padded)
         h = torch.bmm(xs.view(len(b.slots), b.width, -1).to(a_t.dtype), b.weights(a_t))
@@ -171,7 +219,7 @@ def grouped_lora(x: torch.Tensor, a_stacked: torch.Tensor, b_stacked: torch.Tens
         result = torch.bmm(h.to(b_t.dtype), b.weights(b_t)).view(-1, out_dim)
         if b.padding:
             result = result[b.keep]
-        result = result[:, :width].to(y.dtype)
+        result = result.to(y.dtype)
         if b.in_order:
             target += result
         else:
@@ -217,6 +265,13 @@ def _wrapper_class() -> type:
             batches = self.batches
             used = frozenset().union(*(b.slot_ids for b in batches))
             flat_y, flat_x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+            fused = fused_slices(lora_a_stacked, lora_b_stacked, output_slices) if len(lora_a_stacked) > 1 else None
+            if fused is not None:  # q and v (say) in one pass
+                live = frozenset().union(*(live_slots(a) for a in lora_a_stacked)) & used
+                if live:
+                    mine = batches if live == used else [g for g in batches if not live.isdisjoint(g.slot_ids)]
+                    _grouped_pass(flat_x, fused.a_t, fused.b_t, flat_y, mine, fused.start, scale)
+                return
             offset = 0
             for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
                 live = live_slots(a) & used
