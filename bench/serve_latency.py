@@ -5,8 +5,9 @@
 Without --url it starts `hypergen serve` (vLLM engine, Redis from HYPERGEN_REDIS_URL,
 default redis://127.0.0.1:6379/0, under a fresh key prefix). Server-side times come
 from the Server-Timing header; client-side times include HTTP on loopback; the miss's generation part (encoder, network,
-serialisation, on the server's hypernetwork thread) is the mean from its /metrics.
-Prints one JSON line.
+serialisation, on the server's hypernetwork thread) is the mean from its /metrics, with its stages
+(encode, hypernetwork, tensors, serialise). Every task is new, in its words too
+(`tasks.synthetic_task`), so a miss encodes all its texts. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from launcher import ServerProcess  # noqa: E402  (the test suite's server harness)
 
 
+GENERATION, STAGES = "hypergen_hypernetwork_seconds", "hypergen_generation_stage_seconds"
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return round(values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))], 2)
@@ -46,14 +50,22 @@ def ttft(client: httpx.Client, body: dict) -> float:
     raise RuntimeError("no token came back")
 
 
-def hypernetwork_seconds(client: httpx.Client) -> tuple[float, float]:
-    """(sum, count) of the server's hypergen_hypernetwork_seconds histogram (encode + network + bytes)."""
-    values = {}
+def histogram(client: httpx.Client, name: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) per label value ("" without labels) of one of the server's histograms."""
+    found: dict[str, list[float]] = {}
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith(("hypergen_hypernetwork_seconds_sum", "hypergen_hypernetwork_seconds_count")):
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0].rsplit("_", 1)[1]] = float(value)
-    return values.get("sum", 0.0), values.get("count", 0.0)
+        for part, index in (("_sum", 0), ("_count", 1)):
+            if line.startswith(name + part):
+                series, value = line.rsplit(" ", 1)
+                label = series.split('"')[1] if '"' in series else ""
+                found.setdefault(label, [0.0, 0.0])[index] = float(value)
+    return {label: (total, count) for label, (total, count) in found.items()}
+
+
+def mean_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean milliseconds per label between two readings of a histogram."""
+    return {label: round(1000 * (total - before.get(label, (0.0, 0.0))[0]) / max(1.0, count - before.get(label, (0.0, 0.0))[1]), 2)
+            for label, (total, count) in after.items()}
 
 
 def create(client: httpx.Client, task, cached: bool, client_ms: list[float], server_ms_: list[float]) -> dict:  # noqa: ANN001
@@ -82,11 +94,11 @@ def main() -> None:
         with httpx.Client(base_url=args.url, timeout=300) as client:
             tasks = [synthetic_task(offset + i) for i in range(args.n)]
             miss_srv, miss_cli, hit_srv, hit_cli, ids = [], [], [], [], []
-            before = hypernetwork_seconds(client)
+            generation, stages = histogram(client, GENERATION), histogram(client, STAGES)
             for task, _ in tasks:
                 ids.append(create(client, task, False, miss_cli, miss_srv)["adapter_id"])
-            after = hypernetwork_seconds(client)
-            generation_ms = 1000 * (after[0] - before[0]) / max(1.0, after[1] - before[1])
+            generation_ms = mean_ms(generation, histogram(client, GENERATION)).get("", 0.0)
+            stage_ms = mean_ms(stages, histogram(client, STAGES))
             for _ in range(3):
                 for task, _ in tasks:
                     create(client, task, True, hit_cli, hit_srv)
@@ -102,7 +114,8 @@ def main() -> None:
         print(json.dumps({
             "adapter_miss_server_ms": {"p50": pct(miss_srv, .5), "p95": pct(miss_srv, .95)},
             "adapter_miss_client_ms": {"p50": pct(miss_cli, .5), "p95": pct(miss_cli, .95)},
-            "adapter_miss_generation_mean_ms": round(generation_ms, 2),  # of the miss: encode + network + bytes
+            "adapter_miss_generation_mean_ms": generation_ms,  # of the miss: encode + network + bytes
+            "adapter_miss_stage_mean_ms": stage_ms,
             "adapter_hit_server_ms": {"p50": pct(hit_srv, .5), "p95": pct(hit_srv, .95)},
             "adapter_hit_client_ms": {"p50": pct(hit_cli, .5), "p95": pct(hit_cli, .95)},
             "ttft_ms": {"new_adapter_p50": pct(new, .5), "resident_adapter_p50": pct(resident, .5), "base_p50": pct(base, .5)},

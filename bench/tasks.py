@@ -5,7 +5,7 @@ import random
 
 from hypergen.task import Demo, Task
 
-WORDS = "apple river stone cloud quick seven violet engine window garden silver paper orbit lemon tiger".split()
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 RULES = {
     "Reverse the letters of the given word": lambda w: w[::-1],
     "Write the given word in capital letters": str.upper,
@@ -16,9 +16,11 @@ RULES = {
 
 
 def synthetic_task(i: int, n_demos: int = 3) -> tuple[Task, str]:
-    """Task number i (distinct instruction per i) and one fresh input word for it."""
+    """Task number i and one fresh input word for it. Its words are made up from i, so no text
+    repeats across tasks: a miss encodes every text, as a new client's task does (the embedding
+    cache would otherwise serve the demos of earlier tasks)."""
     rng = random.Random(i)
     instruction, rule = list(RULES.items())[i % len(RULES)]
-    words = rng.sample(WORDS, n_demos + 1)
+    words = ["".join(rng.choices(SYLLABLES, k=rng.randint(2, 4))) for _ in range(n_demos + 1)]
     demos = tuple(Demo(w, rule(w)) for w in words[:n_demos])
     return Task(f"{instruction} (variant {i}).", demos), words[-1]

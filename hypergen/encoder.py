@@ -26,6 +26,7 @@ MAX_OUTPUT_PIECES = 128  # a demo output longer than this keeps its start; input
 PAIR_SEPARATOR = " -> "
 ELLIPSIS = " ... "
 EMBED_BATCH = 32
+PACK_TOKENS = 512  # tokens per packed row: sequences share rows instead of padding to the longest
 CACHE_SIZE = 4096  # embeddings kept while serving (1.5 KB each): instructions and demos recur across tasks
 
 
@@ -122,15 +123,54 @@ class TaskEncoder:
         return torch.stack([found[k] for k in keys])
 
     def _forward(self, seqs: list[list[int]]) -> torch.Tensor:
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # pooled in float32
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+        """Unit vectors of ``seqs``, packed several to a row (``pack_rows``).
+
+        Task texts are short and of mixed lengths (a long instruction next to one-word labels):
+        padding every sequence to the longest doubled the encoder's work. In a packed row each
+        sequence attends only to itself and counts its positions from 0, so its embedding is the
+        one it has alone, up to rounding.
+        """
+        rows = pack_rows([len(s) for s in seqs], PACK_TOKENS)
+        width = max(sum(len(seqs[i]) for i in row) for row in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        owner = torch.full((len(rows), width), -1, dtype=torch.long)  # which sequence each token is (-1: padding)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                n = len(seqs[i])
+                ids[r, at : at + n] = torch.tensor(seqs[i])
+                positions[r, at : at + n] = torch.arange(n)
+                owner[r, at : at + n] = i
+                at += n
+        # padding attends to padding only, so no attention row is empty
+        mask = (owner.unsqueeze(2) == owner.unsqueeze(1)).unsqueeze(1)
+        hidden = self.model(
+            input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+            token_type_ids=torch.zeros_like(ids).to(self.device), attention_mask=mask.to(self.device),
+        ).last_hidden_state.float()  # pooled in float32
+        flat, tokens = owner.flatten().to(self.device), hidden.flatten(0, 1)
+        real = flat >= 0
+        sums = torch.zeros(len(seqs), self.dim, dtype=tokens.dtype, device=self.device).index_add_(0, flat[real], tokens[real])
+        pooled = sums / torch.bincount(flat[real], minlength=len(seqs)).clamp(min=1).unsqueeze(1)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """[len(texts), dim] unit vectors of short texts (one window each)."""
         return self.embed_ids([self.single(t) for t in texts])
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of sequences grouped into rows of at most ``capacity`` tokens (first fit, longest
+    first; a sequence longer than ``capacity`` gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if fit is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows

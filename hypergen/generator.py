@@ -130,6 +130,17 @@ class HyperGenerator:
     def generate(self, task: Task) -> Adapter:
         return self.generate_many([task])[0]
 
+    def warm_up(self) -> None:
+        """Runs the whole path (encoder, network, tensors, blob) on made-up tasks of a few sizes.
+
+        A server calls it once, on the thread that will serve its misses, so its first real
+        miss does not also pay for the thread pool's start, kernel choice and first allocations.
+        """
+        words = "warm up the path before the first request arrives".split()
+        for n_demos in (0, 3, 8):
+            demos = [Demo(" ".join(words[: 2 + i % 6]) * (1 + i), words[i % len(words)]) for i in range(n_demos)]
+            self.generate(Task(f"Warm-up task with {n_demos} demos: " + " ".join(words), tuple(demos))).to_bytes()
+
     @property
     def selector(self) -> PoolSelector:
         """Chooses pool demos per input (keeps pools' embeddings; made on first use)."""

@@ -97,7 +97,7 @@ def encode_tasks(encoder: TaskEncoder, tasks: Sequence[Task], encoding: DemoEnco
     flat = [item for items in per_task for item in items]
     emb = encoder.embed_ids([item.ids for item in flat])
     width = max(1, max(len(items) for items in per_task))
-    items = torch.zeros(len(tasks), width, encoder.dim + N_FEATURES)
+    items = torch.zeros(len(tasks), width, encoder.dim + N_FEATURES, dtype=torch.float32)  # whatever the default dtype
     kinds = torch.zeros(len(tasks), width, dtype=torch.long)
     mask = torch.zeros(len(tasks), width, dtype=torch.bool)
     row = 0

@@ -103,6 +103,10 @@ class AdapterService:
         private_dir(self.adapter_dir)
         self._prune_folders()  # also clears a crashed writer's .tmp-* folders
 
+    async def warm_up(self) -> None:
+        """One made-up generation on the hypernetwork thread, before the server says it is ready."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.generator.warm_up)
+
     # --- what the routes call -------------------------------------------------
 
     async def create(self, task: Task, warm: bool = False, tenant: str | None = None, public: bool = False) -> AdapterOut:
@@ -335,8 +339,13 @@ class AdapterService:
 
     def _run_hypernetwork(self, task: Task, adapter_id: str, owner: str | None, public: bool) -> tuple[bytes, AdapterMeta]:
         adapter = self.generator.generate(task)
+        stages = dict(self.generator.last_timings)  # this thread is the generator's only caller in the server
         adapter.task_hash = adapter_id  # a tenant's own copy carries its scoped id
+        start = time.perf_counter()
         blob = adapter.to_bytes()
+        stages["serialise_ms"] = (time.perf_counter() - start) * 1000
+        for stage, ms in stages.items():
+            self.metrics.generation_stage_seconds.labels(stage.removesuffix("_ms")).observe(ms / 1000)
         meta = AdapterMeta(
             adapter_id=adapter_id, owner=owner, public=public, instruction=task.instruction, base_model=self.generator.base_model,
             hypernetwork=self.generator.fingerprint, rank=adapter.rank, alpha=adapter.alpha,

@@ -62,6 +62,7 @@ async def build_state(settings: Settings):
         generator, tokenizer, MemoryCache(settings.memory_cache_bytes), redis, default_adapter_dir(settings), engine, metrics,
         settings.max_adapter_dirs, max_rank, tenants,
     )
+    await adapters.warm_up()
     generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)
     adapter_dir = adapters.adapter_dir
     jobs = JobService(adapters, generation, redis, settings, private_dir(adapter_dir.with_name(adapter_dir.name + "-jobs")))

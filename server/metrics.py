@@ -23,6 +23,10 @@ class Metrics:
         self.hypernetwork_seconds = Histogram(
             "hypergen_hypernetwork_seconds", "Encode + hypernetwork + serialise", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.generation_stage_seconds = Histogram(
+            "hypergen_generation_stage_seconds", "One adapter generation by stage: encode, hypernetwork, tensors, serialise",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.adapters_resident = Gauge(
             "hypergen_engine_adapters_resident", "Adapters loaded in the engine", registry=r
         )

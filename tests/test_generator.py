@@ -186,3 +186,13 @@ def test_embeddings_of_repeated_texts_are_reused_and_the_cache_is_bounded(genera
     enc.embed([f"text {i}" for i in range(10)])
     assert len(enc._cache) <= 3
     assert encoder_module.CACHE_SIZE >= 1024
+
+
+def test_warm_up_runs_every_stage_and_changes_no_adapter(generator, monkeypatch):
+    before = generator.generate(TASK).to_bytes()
+    calls = []
+    forward = generator.network.forward
+    monkeypatch.setattr(generator.network, "forward", lambda *args: calls.append(args[0].shape) or forward(*args))
+    generator.warm_up()
+    assert len(calls) == 3 and len({shape[1] for shape in calls}) == 3  # 0, 3 and 8 demos: three item counts
+    assert generator.generate(TASK).to_bytes() == before

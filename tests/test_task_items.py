@@ -1,7 +1,7 @@
 """What reaches the hypernetwork: every demo output, its case, the label space, the whole instruction."""
 import torch
 
-from hypergen.encoder import WINDOW
+from hypergen.encoder import WINDOW, pack_rows
 from hypergen.task import Demo, Task
 from hypergen.task_items import FEATURES, KIND_DEMO, KIND_LABEL, encode_tasks, shape_features, task_items
 
@@ -61,3 +61,22 @@ def test_the_joined_layout_is_the_first_one_for_ablations(generator):
     task = Task("Decide.", (Demo(LONG_INPUT, "yes"),))
     batch = encode_tasks(generator.encoder, [task], "joined")
     assert batch.mask.sum() == 2 and torch.count_nonzero(batch.items[0, :, generator.encoder.dim:]) == 0
+
+
+def test_packing_rows_keeps_every_sequence_once_within_capacity():
+    lengths = [256, 5, 120, 3, 256, 40, 600, 7]
+    rows = pack_rows(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows if len(row) > 1)
+    assert [6] in rows  # longer than a row: alone
+    assert len(rows) == 3
+
+
+def test_packed_sequences_embed_as_they_do_alone(generator):
+    enc = generator.encoder  # float32: packing may only move rounding
+    seqs = [enc.single("Answer with the antonym."), enc.pair("hot", "cold"), enc.single("cold"),
+            enc.chunks("a long instruction " * 60)[0], enc.pair("up", "DOWN")]
+    packed = enc._forward(seqs)
+    alone = torch.cat([enc._forward([s]) for s in seqs])
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(packed[2], packed[4], atol=1e-3)  # each sequence is its own
