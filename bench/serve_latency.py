@@ -64,8 +64,11 @@ def histogram(client: httpx.Client, name: str) -> dict[str, tuple[float, float]]
 
 def mean_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Mean milliseconds per label between two readings of a histogram."""
-    return {label: round(1000 * (total - before.get(label, (0.0, 0.0))[0]) / max(1.0, count - before.get(label, (0.0, 0.0))[1]), 2)
-            for label, (total, count) in after.items()}
+    means = {}
+    for label, (total, count) in after.items():
+        total_before, count_before = before.get(label, (0.0, 0.0))
+        means[label] = round(1000 * (total - total_before) / max(1.0, count - count_before), 2)
+    return means
 
 
 def create(client: httpx.Client, task, cached: bool, client_ms: list[float], server_ms_: list[float]) -> dict:  # noqa: ANN001

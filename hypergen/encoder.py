@@ -112,7 +112,7 @@ class TaskEncoder:
         keys = [tuple(s) for s in seqs]
         todo = sorted({k for k in keys if k not in self._cache}, key=len)
         found = {k: self._cache[k] for k in keys if k in self._cache}
-        for start in range(0, len(todo), EMBED_BATCH):  # sorted by length: little padding per call
+        for start in range(0, len(todo), EMBED_BATCH):  # EMBED_BATCH sequences a pass, packed into rows by _forward
             chunk = todo[start : start + EMBED_BATCH]
             found.update(zip(chunk, self._forward([list(k) for k in chunk])))
         for k in keys:  # most recent last
