@@ -137,6 +137,13 @@ class Replica:
             await task
 
 
+def unavailable() -> JSONResponse:
+    """The answer to a request whose replica died under it: safe to send again (adapter ids are task hashes)."""
+    return JSONResponse({"error": {"code": "replica_unavailable", "message": "the replica handling this request "
+                                   "stopped; send the request again", "field": None}}, status_code=503,
+                        headers={"Retry-After": "1"})
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Router:
     """HTTP ingress: each request to a replica, keyed by the adapter it names."""
@@ -153,16 +160,21 @@ class Router:
             status, headers = await chunks.__anext__()
         except Exception as exc:  # noqa: BLE001 (a replica died or is restarting)
             log.warning("replica call failed: %s", exc)
-            return JSONResponse({"error": {"code": "replica_unavailable", "message": "the replica handling this request "
-                                           "stopped; send the request again", "field": None}}, status_code=503,
-                                headers={"Retry-After": "1"})
+            return unavailable()
         kept = {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")}
+        if kept.get("content-type", "").startswith("text/event-stream"):  # ASGI header names are lower-case
+            async def rest() -> AsyncIterator[bytes]:
+                async for chunk in chunks:
+                    yield chunk
 
-        async def rest() -> AsyncIterator[bytes]:
-            async for chunk in chunks:
-                yield chunk
-
-        return StreamingResponse(rest(), status_code=status, headers=kept)
+            return StreamingResponse(rest(), status_code=status, headers=kept)
+        # A whole answer is read before it is sent: a replica dying half-way gives a clean 503, not a cut body.
+        try:
+            content = b"".join([chunk async for chunk in chunks])
+        except Exception as exc:  # noqa: BLE001 (the replica died while answering)
+            log.warning("replica stopped mid-answer: %s", exc)
+            return unavailable()
+        return Response(content, status_code=status, headers=kept)
 
 
 def build(env: dict[str, str] | None = None, replicas: int = 1, autoscaling: dict[str, Any] | None = None,

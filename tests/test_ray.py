@@ -80,8 +80,8 @@ def test_a_killed_replica_costs_at_most_a_clear_503(fleet):
         while time.monotonic() < deadline:
             try:
                 answer = client.post("/generate", json={"input": "big", "max_tokens": 2, "task": new_task("after kill")})
-            except httpx.HTTPError:
-                codes.append("transport")
+            except httpx.HTTPError as exc:
+                codes.append(f"transport: {type(exc).__name__}")
                 continue
             codes.append(answer.status_code)
             if answer.status_code == 503:
@@ -90,3 +90,60 @@ def test_a_killed_replica_costs_at_most_a_clear_503(fleet):
                 break
     assert set(codes) <= {200, 503}, codes
     assert codes[-3:] == [200, 200, 200], codes
+
+
+class FakeReplicaHandle:
+    """Ray's streaming handle, faked: answers (status, headers), then ``chunks``, then dies if ``dies``."""
+
+    def __init__(self, content_type: str, chunks: list[bytes], dies: bool) -> None:
+        self.content_type, self.chunks, self.dies = content_type, chunks, dies
+
+    def options(self, **_: object) -> "FakeReplicaHandle":
+        return self
+
+    def remote(self, *_: object):
+        async def answer():
+            yield 200, [("content-type", self.content_type), ("content-length", "99")]
+            for chunk in self.chunks:
+                yield chunk
+            if self.dies:
+                raise RuntimeError("ActorDiedError (fake)")
+        return answer()
+
+
+def route_with_fake_replica(content_type: str, dies: bool) -> tuple[int, bytes]:
+    """One POST through the real Router class, its replica a fake; what the client would receive."""
+    import asyncio
+    from starlette.requests import Request
+    from server.ray_serve import Router
+
+    router = Router.func_or_class(FakeReplicaHandle(content_type, [b'{"text": ', b'"hal'], dies))
+    scope = {"type": "http", "method": "POST", "path": "/generate", "query_string": b"", "headers": []}
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def client_stays():  # the client never disconnects while the answer is sent
+        await asyncio.Event().wait()
+
+    async def run() -> tuple[int, bytes]:
+        response = await router(Request(scope, receive))
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+        try:
+            await response(scope, client_stays, send)
+        except RuntimeError:
+            pass  # a streamed answer is cut where the replica died
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    return asyncio.run(run())
+
+
+def test_fake_replica_dying_mid_answer_gives_a_clear_503_not_a_cut_body():
+    status, body = route_with_fake_replica("application/json", dies=True)
+    assert status == 503 and b"replica_unavailable" in body
+    status, body = route_with_fake_replica("application/json", dies=False)
+    assert (status, body) == (200, b'{"text": "hal')  # the whole answer, whatever the replica's chunking
+    status, body = route_with_fake_replica("text/event-stream", dies=True)
+    assert status == 200 and body == b'{"text": "hal'  # a stream is passed on as it comes (its status already sent)
