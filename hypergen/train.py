@@ -65,7 +65,7 @@ from hypergen.synthetic import paraphrase, synthetic_tasks
 from hypergen.task import Demo, Task
 from hypergen.task_items import DemoEncoding, encode_tasks
 from hypergen.train_state import swap_in
-from hypergen.training_loop import Schedule, TrainingLoop
+from hypergen.training_loop import STATE_DIR, Schedule, TrainingLoop
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class TrainConfig(BaseModel):
     d_model: int | None = Field(default=None, description="network widths and depth; unset: HyperNetConfig's defaults")
     d_hidden: int | None = None
     n_blocks: int | None = None
+    a_scale: float | None = Field(default=None, description="scale of the A / B corrections the heads emit (how far one Adam step moves them); unset: HyperNetConfig's")
+    b_scale: float | None = None
     centered: bool = Field(default=False, description="correction relative to the running mean task (hypernet.py)")
     demo_encoding: DemoEncoding = Field(default="pairs", description="task items layout (task_items.py); 'joined' is the first one, for ablations")
     init_checkpoint: str | None = Field(default=None, description="start from this checkpoint's weights")
@@ -194,12 +196,12 @@ class Trainer:
             self.generator = HyperGenerator.from_pretrained(config.init_checkpoint, base_model=config.base_model)
         else:
             spec = {"target_modules": tuple(config.target_modules), "rank": config.rank, "alpha": config.alpha}
-            sizes = {k: getattr(config, k) for k in ("d_model", "d_hidden", "n_blocks") if getattr(config, k) is not None}
+            sizes = {k: getattr(config, k) for k in ("d_model", "d_hidden", "n_blocks", "a_scale", "b_scale") if getattr(config, k) is not None}
             self.generator = HyperGenerator.untrained(
                 config.base_model, spec, config.encoder, seed=config.seed,
                 demo_encoding=config.demo_encoding, centered=config.centered, **sizes,
             )
-            if config.init_lora:
+            if config.init_lora and not self._saved():  # a saved run holds its shared part already
                 self.generator.network.load_shared_lora(Adapter.load_peft(config.init_lora).stacked())
         self.generator.encoder.enable_cache()
         self.net: HyperNetwork = self.generator.network.train()
@@ -389,6 +391,10 @@ class Trainer:
         self.net.save(weights, dtype=torch.bfloat16)
         (weights / PROGRESS_FILE).write_text(json.dumps({"step": self.step}))
         swap_in(weights, self.run_dir / "weights")
+
+    def _saved(self) -> bool:
+        """Whether this run has state or committed weights to resume from (so its starting LoRA is not needed)."""
+        return (self.run_dir / STATE_DIR).is_dir() or (self.run_dir / "weights" / PROGRESS_FILE).is_file()
 
     def load_state(self) -> bool:
         """Exact resume from ``state``; else from ``weights`` (bf16, no optimizer) with a re-warm-up."""

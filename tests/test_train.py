@@ -98,6 +98,12 @@ def test_a_shared_start_reproduces_the_multitask_lora_exactly(tiny_llama_dir, tm
     trainer.train()  # the correction learns; the adapter now depends on the task
     one, two = (trainer.generator.generate(Task(x)) for x in ("Answer with the antonym.", "Repeat the word."))
     assert any(not torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)
+    # resuming on another machine from the committed bf16 weights alone: the starting LoRA is not needed
+    import shutil
+    shutil.rmtree(folder)
+    shutil.rmtree(trainer.run_dir / "state")
+    resumed = Trainer(config)
+    assert resumed.load_state() and resumed.step == 2
 
 
 def test_a_centred_correction_starts_at_zero_and_is_zero_for_the_mean_task(tiny_config):
