@@ -43,7 +43,9 @@ def test_batched_generation_matches_single(generator):
     single = generator.generate(TASK)
     assert batched[1].task_hash == single.task_hash
     for key, tensor in single.tensors.items():
-        torch.testing.assert_close(batched[1].tensors[key], tensor, rtol=1e-5, atol=1e-6)
+        # float32 sums in another order (the encoder packs a batch's texts into shared rows): rounding-level
+        # differences, far below the ~1e-2 entries a task mix-up would move
+        torch.testing.assert_close(batched[1].tensors[key], tensor, rtol=1e-4, atol=1e-5)
     assert not torch.equal(batched[0].tensors[peft_key(0, "q_proj", "B")], single.tensors[peft_key(0, "q_proj", "B")])
 
 
@@ -138,7 +140,7 @@ def test_checkpoint_round_trip_keeps_fingerprint_and_outputs(generator, tmp_path
     assert again.task_hash == original.task_hash
     # equal up to float rounding: the two encoders embedded the task's texts in batches of other shapes
     for key, tensor in original.tensors.items():
-        torch.testing.assert_close(again.tensors[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(again.tensors[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_checkpoint_for_other_dims_fails_clearly(generator, tiny_llama_dir, tmp_path):
