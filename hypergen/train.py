@@ -64,7 +64,7 @@ from hypergen.spec import DEFAULT_ALPHA, DEFAULT_RANK, DEFAULT_TARGET_MODULES
 from hypergen.synthetic import paraphrase, synthetic_tasks
 from hypergen.task import Demo, Task
 from hypergen.task_items import DemoEncoding, encode_tasks
-from hypergen.train_state import swap_in
+from hypergen.train_state import has_state, swap_in
 from hypergen.training_loop import STATE_DIR, Schedule, TrainingLoop
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ ANCHOR_PROMPTS = [
 
 
 PROGRESS_FILE = "progress.json"
+WEIGHTS_DIR = "weights"  # the network alone in bf16, with its step: what a run commits
 
 
 class TrainConfig(BaseModel):
@@ -387,21 +388,21 @@ class Trainer:
         """The loop's exact state (network in float32 + optimizer), and beside it the network alone
         in bf16 with its step: small enough to commit, and enough to resume on another machine."""
         self.loop.save_state(lambda folder: self.net.save(folder, dtype=torch.float32))
-        weights = self.run_dir / "weights.tmp"
+        weights = self.run_dir / f"{WEIGHTS_DIR}.tmp"
         self.net.save(weights, dtype=torch.bfloat16)
         (weights / PROGRESS_FILE).write_text(json.dumps({"step": self.step}))
-        swap_in(weights, self.run_dir / "weights")
+        swap_in(weights, self.run_dir / WEIGHTS_DIR)
 
     def _saved(self) -> bool:
         """Whether this run has state or committed weights to resume from (so its starting LoRA is not needed)."""
-        return (self.run_dir / STATE_DIR).is_dir() or (self.run_dir / "weights" / PROGRESS_FILE).is_file()
+        return has_state(self.run_dir / STATE_DIR) or (self.run_dir / WEIGHTS_DIR / PROGRESS_FILE).is_file()
 
     def load_state(self) -> bool:
         """Exact resume from ``state``; else from ``weights`` (bf16, no optimizer) with a re-warm-up."""
         if self.loop.load_state(self._read_network):
             log.info("resumed %s at step %d", self.run_dir, self.step)
             return True
-        weights_dir = self.run_dir / "weights"
+        weights_dir = self.run_dir / WEIGHTS_DIR
         if (weights_dir / PROGRESS_FILE).is_file():
             self._read_network(weights_dir)
             self.loop.resume_without_optimizer(int(json.loads((weights_dir / PROGRESS_FILE).read_text())["step"]))
