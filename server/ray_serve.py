@@ -72,20 +72,25 @@ class Replica:
         # replicas may share a host: each its own engine folder (a delete on one must not pull files from under another)
         own_dir = default_adapter_dir(settings) / f"replica-{self.name}"
         self.app = create_app(settings.model_copy(update={"adapter_dir": own_dir}))
-        self._life: Any = None
-        self._started = asyncio.Lock()
+        self._life: Any = None  # held: a lifespan nobody references is collected, which runs its shutdown
+        self._starting: asyncio.Task | None = None
 
     async def _start(self) -> None:
-        async with self._started:
-            if self._life is None:
-                life = self.app.router.lifespan_context(self.app)
-                await life.__aenter__()
-                self._life = life
+        """Starts the app's lifespan once. Shielded: a caller that gives up (a readiness probe's
+        timeout) must not cancel a start half-way, or the next call would start a second one
+        beside threads the first left running (two model loads at once corrupt each other)."""
+        if self._starting is None:
+            self._life = self.app.router.lifespan_context(self.app)
+            self._starting = asyncio.create_task(self._life.__aenter__())
+        await asyncio.shield(self._starting)
 
     async def check_health(self) -> None:
-        """Ray restarts a replica whose engine has failed."""
+        """Ray restarts a replica whose start or engine has failed."""
+        if self._starting is None or not self._starting.done():
+            return
+        self._starting.result()  # raises what the start raised
         state = self.app.state.hypergen
-        if self._life is not None and (state is None or not state.engine.ready()):
+        if state is None or not state.engine.ready():
             raise RuntimeError("hypergen engine is not ready")
 
     @serve.multiplexed(max_num_models_per_replica=HELD_PER_REPLICA)
@@ -120,6 +125,8 @@ class Replica:
         async def run() -> None:
             try:
                 await self.app(scope, receive, sent.put)
+            except Exception:  # noqa: BLE001 (the app logged it and answered 500; the replica itself is fine)
+                pass
             finally:
                 done.set()
                 await sent.put(None)

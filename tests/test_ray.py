@@ -147,3 +147,46 @@ def test_fake_replica_dying_mid_answer_gives_a_clear_503_not_a_cut_body():
     assert (status, body) == (200, b'{"text": "hal')  # the whole answer, whatever the replica's chunking
     status, body = route_with_fake_replica("text/event-stream", dies=True)
     assert status == 200 and body == b'{"text": "hal'  # a stream is passed on as it comes (its status already sent)
+
+
+def test_fake_app_replica_starts_once_when_its_first_caller_gives_up():
+    """A readiness probe that times out cancels its call; the start must go on, not begin twice,
+    and the started app must stay up (not be shut down when the start's frame is collected)."""
+    import asyncio
+    import gc
+    from contextlib import asynccontextmanager
+    from server.ray_serve import Replica
+
+    events: list[str] = []
+
+    class FakeApp:
+        class state:
+            hypergen = None
+
+        class router:
+            @staticmethod
+            @asynccontextmanager
+            async def lifespan_context(app):
+                events.append("enter")
+                await asyncio.sleep(0.2)  # a model load, slow enough to be given up on
+                app.state.hypergen = "ready"
+                try:
+                    yield
+                finally:
+                    events.append("exit")
+
+    replica = object.__new__(Replica.func_or_class)
+    replica.app, replica._life, replica._starting = FakeApp, None, None
+
+    async def scenario() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(replica._start(), 0.05)  # the probe gives up
+        await replica._start()  # the next call waits for the same start
+        gc.collect()
+        await asyncio.sleep(0)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+        assert events == ["enter"] and FakeApp.state.hypergen == "ready"
+    finally:
+        loop.close()
