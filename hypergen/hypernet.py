@@ -28,6 +28,13 @@ shipped checkpoint the correction was a quarter of the shared LoRA's norm, yet t
 corrections differed by under 1% of it, because the common part of the gradient (shared by
 every task in a batch) dominates each Adam step. Centred, the common part can only go to the
 shared LoRA, and every head step is spent on what differs between tasks.
+
+Basis correction (``correction_basis`` K > 0): instead of heads that emit every entry of A
+and B (free to give each training task its own weights, which on 162 tasks memorised:
+README card), the network learns K LoRA directions per module (``basis_a`` [K, L, r, in],
+``basis_b`` [K, L, out, r]) and its heads emit only K weights per layer: the correction is
+sum_k w_k * direction_k. A task can only choose a mixture of directions every task shares
+(as in Polytropon / MHR's skill inventories), so what it learns must be common to many tasks.
 """
 from __future__ import annotations
 
@@ -71,6 +78,8 @@ class HyperNetConfig:
     n_features: int = N_FEATURES
     demo_encoding: str = "pairs"  # task_items.DemoEncoding
     centered: bool = False  # correction relative to the running mean task (see the module docstring)
+    correction_basis: int = 0  # K learned directions the correction mixes; 0: heads emit A and B entry by entry
+    basis_scale: float = 0.1  # scale of the mixing weights the heads emit (as a_scale for entries)
     format_version: int = FORMAT_VERSION
     training: dict[str, Any] = field(default_factory=dict)  # provenance written by the trainer
 
@@ -172,11 +181,21 @@ class HyperNetwork(nn.Module):
         self.b_heads = nn.ModuleDict()
         self.shared_a = nn.ParameterDict()
         self.shared_b = nn.ParameterDict()
+        k = config.correction_basis
+        if k:
+            self.w_heads = nn.ModuleDict()
+            self.basis_a = nn.ParameterDict()
+            self.basis_b = nn.ParameterDict()
         for m in spec.target_modules:
             r, fan_in = spec.a_shape(m)
             out, _ = spec.b_shape(m)
-            self.a_heads[m] = nn.Linear(h, r * fan_in)
-            self.b_heads[m] = nn.Linear(h, out * r)
+            if k:
+                self.w_heads[m] = nn.Linear(h, k)
+                self.basis_a[m] = nn.Parameter(torch.empty(k, spec.num_layers, r, fan_in))
+                self.basis_b[m] = nn.Parameter(torch.empty(k, spec.num_layers, out, r))
+            else:
+                self.a_heads[m] = nn.Linear(h, r * fan_in)
+                self.b_heads[m] = nn.Linear(h, out * r)
             self.shared_a[m] = nn.Parameter(torch.empty(spec.num_layers, r, fan_in))
             self.shared_b[m] = nn.Parameter(torch.zeros(spec.num_layers, out, r))
         if config.centered:
@@ -186,11 +205,20 @@ class HyperNetwork(nn.Module):
 
     @torch.no_grad()
     def reset_heads(self) -> None:
-        """Heads exactly zero; shared A drawn as PEFT draws lora_A, shared B zero (adapter = no-op)."""
+        """Heads exactly zero; shared A drawn as PEFT draws lora_A, shared B zero (adapter = no-op).
+
+        Basis directions are drawn at a trained LoRA's size (A as PEFT draws it, B with std
+        0.01): with zero heads they add nothing, and the heads' first steps get a gradient.
+        """
         for m in self.spec.target_modules:
-            for head in (self.a_heads[m], self.b_heads[m]):
+            heads = (self.w_heads[m],) if self.config.correction_basis else (self.a_heads[m], self.b_heads[m])
+            for head in heads:
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
+            if self.config.correction_basis:
+                bound = 1.0 / math.sqrt(self.spec.a_shape(m)[1])
+                nn.init.uniform_(self.basis_a[m], -bound, bound)
+                nn.init.normal_(self.basis_b[m], std=0.01)
         for m, (a, b) in noop_lora(self.spec).items():
             self.shared_a[m].copy_(a)
             self.shared_b[m].copy_(b)
@@ -260,14 +288,25 @@ class HyperNetwork(nn.Module):
         for j, m in enumerate(self.spec.target_modules):
             module = self.module_emb.weight[j].expand(rows, n_layers, -1)
             hidden = self.out_norm(self.blocks(self.mix(torch.cat([task_l, layers, module], dim=-1))))
-            r, fan_in = self.spec.a_shape(m)
-            fan_out = self.spec.b_shape(m)[0]
-            da = (self.a_heads[m](hidden) * self.config.a_scale).view(rows, n_layers, r, fan_in)
-            db = (self.b_heads[m](hidden) * self.config.b_scale).view(rows, n_layers, fan_out, r)
+            da, db = self._correction(m, hidden)
             if self.config.centered:
                 da, db = da[:-1] - da[-1:], db[:-1] - db[-1:]
             out[m] = (self.shared_a[m] + da, self.shared_b[m] + db)
         return out
+
+    def _correction(self, m: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads' A and B corrections for module ``m`` from hidden [T, L, h]: [T, L, r, in], [T, L, out, r]."""
+        rows, n_layers = hidden.shape[:2]
+        if self.config.correction_basis:
+            w = self.w_heads[m](hidden) * self.config.basis_scale  # [T, L, K]
+            da = torch.einsum("tlk,klri->tlri", w, self.basis_a[m].to(w.dtype))
+            db = torch.einsum("tlk,klor->tlor", w, self.basis_b[m].to(w.dtype))
+            return da, db
+        r, fan_in = self.spec.a_shape(m)
+        fan_out = self.spec.b_shape(m)[0]
+        da = (self.a_heads[m](hidden) * self.config.a_scale).view(rows, n_layers, r, fan_in)
+        db = (self.b_heads[m](hidden) * self.config.b_scale).view(rows, n_layers, fan_out, r)
+        return da, db
 
     # --- checkpoint folder ---------------------------------------------------
 

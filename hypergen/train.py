@@ -98,6 +98,8 @@ class TrainConfig(BaseModel):
     a_scale: float | None = Field(default=None, description="scale of the A / B corrections the heads emit (how far one Adam step moves them); unset: HyperNetConfig's")
     b_scale: float | None = None
     centered: bool = Field(default=False, description="correction relative to the running mean task (hypernet.py)")
+    correction_basis: int | None = Field(default=None, ge=0, description="K learned directions the correction mixes (hypernet.py); 0: entry by entry")
+    basis_scale: float | None = None
     demo_encoding: DemoEncoding = Field(default="pairs", description="task items layout (task_items.py); 'joined' is the first one, for ablations")
     init_checkpoint: str | None = Field(default=None, description="start from this checkpoint's weights")
     init_lora: str | None = Field(default=None, description="PEFT folder of a trained LoRA (e.g. the multi-task one) to start the shared part from")
@@ -197,7 +199,7 @@ class Trainer:
             self.generator = HyperGenerator.from_pretrained(config.init_checkpoint, base_model=config.base_model)
         else:
             spec = {"target_modules": tuple(config.target_modules), "rank": config.rank, "alpha": config.alpha}
-            sizes = {k: getattr(config, k) for k in ("d_model", "d_hidden", "n_blocks", "a_scale", "b_scale") if getattr(config, k) is not None}
+            sizes = {k: getattr(config, k) for k in ("d_model", "d_hidden", "n_blocks", "a_scale", "b_scale", "correction_basis", "basis_scale") if getattr(config, k) is not None}
             self.generator = HyperGenerator.untrained(
                 config.base_model, spec, config.encoder, seed=config.seed,
                 demo_encoding=config.demo_encoding, centered=config.centered, **sizes,

@@ -131,6 +131,32 @@ def test_a_centred_correction_starts_at_zero_and_is_zero_for_the_mean_task(tiny_
     assert any(not torch.allclose(a[1], net.shared_a[m], atol=1e-6) for m, (a, _) in weights.items())
 
 
+def test_a_basis_correction_mixes_only_its_learned_directions(tiny_config):
+    """correction_basis K: the untrained network emits its shared LoRA; trained, every task's
+    correction in a layer is a mixture of that layer's K directions (it cannot be any other)."""
+    from hypergen.hypernet import HyperNetwork
+    from hypergen.task import Task
+
+    trainer = Trainer(tiny_config.model_copy(update={"centered": True, "correction_basis": 2}))
+    net = trainer.net
+    shared = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in net.shared().items()}
+    start = trainer.generator.generate(Task("Repeat the word."))
+    for m, (a, b) in shared.items():
+        assert torch.equal(start.stacked()[m][0], a[0]) and torch.equal(start.stacked()[m][1], b[0])
+    out = trainer.train()
+    loaded, _ = HyperNetwork.load(out)
+    assert loaded.config.correction_basis == 2 and not loaded.a_heads and set(loaded.w_heads) == set(net.w_heads)
+    tasks = [Task("Repeat the word."), Task("Answer with the antonym.")]
+    one, two = (trainer.generator.generate(t).stacked() for t in tasks)
+    for m in net.spec.target_modules:
+        directions = net.basis_a[m][:, 0].detach().reshape(2, -1).T  # layer 0's K directions, [r*in, K]
+        for adapter in (one, two):
+            correction = (adapter[m][0][0] - net.shared_a[m][0].detach()).reshape(-1, 1)
+            mix = torch.linalg.lstsq(directions, correction).solution
+            assert torch.allclose(directions @ mix, correction, atol=1e-6)
+    assert any(not torch.equal(one[m][0], two[m][0]) for m in one)  # trained: the mixture depends on the task
+
+
 def test_a_lora_of_another_shape_is_refused_as_shared_start(tiny_llama_dir, tmp_path, generator):
     from hypergen.errors import CheckpointError
 
