@@ -6,7 +6,8 @@ Without --url it starts `hypergen serve` (vLLM engine, Redis from HYPERGEN_REDIS
 default redis://127.0.0.1:6379/0, under a fresh key prefix). Server-side times come
 from the Server-Timing header; client-side times include HTTP on loopback; the miss's generation part (encoder, network,
 serialisation, on the server's hypernetwork thread) is the mean from its /metrics, with its stages
-(encode, hypernetwork, tensors, serialise). Every task is new, in its words too
+(encode, hypernetwork, tensors, serialise). ``--generator-process-ab ROUNDS`` instead compares misses
+with the generator process (the default) and without it, two servers side by side. Every task is new, in its words too
 (`tasks.synthetic_task`), so a miss encodes all its texts. Prints one JSON line.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -81,16 +83,54 @@ def create(client: httpx.Client, task, cached: bool, client_ms: list[float], ser
     return r.json()
 
 
+def start_server(**env: str) -> ServerProcess:
+    """`hypergen serve` on vLLM with Redis under a fresh key prefix (HYPERGEN_* overrides in ``env``)."""
+    env = {"HYPERGEN_ENGINE": "vllm", "HYPERGEN_REDIS_URL": os.environ.get("HYPERGEN_REDIS_URL", "redis://127.0.0.1:6379/0"),
+           "HYPERGEN_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:8]}:", **env}
+    return ServerProcess(Path(tempfile.mkdtemp()), env, "bench").wait_ready()
+
+
+def generator_process_ab(rounds: int) -> None:
+    """Misses with the generator process against misses generated in the server process: two
+    servers up at once, rounds of 10 new tasks alternated between them, one JSON line."""
+    servers = {"process": start_server(HYPERGEN_GENERATOR_PROCESS="true"),
+               "server": start_server(HYPERGEN_GENERATOR_PROCESS="false")}
+    offset = int(time.time())
+    try:
+        clients = {name: httpx.Client(base_url=s.url, timeout=300) for name, s in servers.items()}
+        times: dict[str, list[float]] = {name: [] for name in servers}
+        stages: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+        for r in range(rounds):
+            for name, client in clients.items():
+                before = histogram(client, STAGES)
+                for i in range(10):
+                    task, _ = synthetic_task(offset + 1000 * r + 100 * len(stages[name]) + i + (0 if name == "process" else 500_000))
+                    create(client, task, False, [], times[name])
+                stages[name].append(mean_ms(before, histogram(client, STAGES)))
+        p50 = {name: pct(values, .5) for name, values in times.items()}
+        print(json.dumps({
+            "miss_server_ms_p50": p50, "miss_server_ms_p95": {name: pct(values, .95) for name, values in times.items()},
+            "process_over_server": round(p50["process"] / p50["server"], 3),
+            "stage_median_ms": {name: {k: round(statistics.median(d[k] for d in rows), 2) for k in rows[0]} for name, rows in stages.items()},
+            "rounds": rounds,
+        }))
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url")
     parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--generator-process-ab", type=int, metavar="ROUNDS",
+                        help="only compare misses with and without the generator process, side by side")
     args = parser.parse_args()
+    if args.generator_process_ab:
+        return generator_process_ab(args.generator_process_ab)
     server = None
     if args.url is None:
-        env = {"HYPERGEN_ENGINE": "vllm", "HYPERGEN_REDIS_URL": os.environ.get("HYPERGEN_REDIS_URL", "redis://127.0.0.1:6379/0"),
-               "HYPERGEN_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:8]}:"}
-        server = ServerProcess(Path(tempfile.mkdtemp()), env, "bench").wait_ready()
+        server = start_server()
         args.url = server.url
     offset = int(time.time())  # fresh tasks on every run, so misses are real misses
     try:

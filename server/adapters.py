@@ -32,6 +32,7 @@ from hypergen.selection import Selection
 from hypergen.task import TASK_HASH_PATTERN, Demo, Task
 from server.cache import CacheEntry, MemoryCache, RedisCache
 from server.errors import ApiError
+from server.generator_process import GeneratorProcess, GeneratorProcessError
 from hypergen.engines import Engine, LoadedAdapter
 from server.metrics import Metrics
 from server.schemas import AdapterMeta, AdapterOut, Composition, WeightedAdapter, utc_now
@@ -93,6 +94,7 @@ class AdapterService:
     max_rank: int = 8  # the engine's largest LoRA rank: bounds what a composition may have
     tenants: Tenants | None = None  # owners and quotas (with API keys); every tenant argument is None without
     lock_ttl_ms: int = LOCK_TTL_MS
+    generator_process: GeneratorProcess | None = None  # generates misses when set (server/generator_process.py)
     _inflight: dict[str, asyncio.Future[AdapterRecord]] = field(default_factory=dict, init=False)
     # One thread: the hypernetwork uses all cores itself; parallel runs would only contend.
     _executor: ThreadPoolExecutor = field(
@@ -104,8 +106,21 @@ class AdapterService:
         self._prune_folders()  # also clears a crashed writer's .tmp-* folders
 
     async def warm_up(self) -> None:
-        """One made-up generation on the hypernetwork thread, before the server says it is ready."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.generator.warm_up)
+        """Waits for the generator process to load and warm up; without one (or if it cannot
+        start), one made-up generation on the hypernetwork thread. Before the server says it is ready."""
+        loop = asyncio.get_running_loop()
+        if self.generator_process is not None:
+            try:
+                return await loop.run_in_executor(self._executor, self.generator_process.wait_ready)
+            except GeneratorProcessError:
+                pass  # logged where it failed; misses are generated here until a new child starts
+        await loop.run_in_executor(self._executor, self.generator.warm_up)
+
+    @property
+    def generating_in(self) -> str:
+        """Where the next miss is generated: "process" (the generator process) or "server"."""
+        process = self.generator_process
+        return "process" if process is not None and process.ready else "server"
 
     # --- what the routes call -------------------------------------------------
 
@@ -338,20 +353,32 @@ class AdapterService:
             self._executor, self.generator.selector.tasks_for, instruction, own, pool, inputs, selection)
 
     def _run_hypernetwork(self, task: Task, adapter_id: str, owner: str | None, public: bool) -> tuple[bytes, AdapterMeta]:
+        blob, stages = self._generated_blob(task, adapter_id)
+        for stage, ms in stages.items():
+            self.metrics.generation_stage_seconds.labels(stage.removesuffix("_ms")).observe(ms / 1000)
+        spec = self.generator.spec  # the generator process loads the same checkpoint
+        meta = AdapterMeta(
+            adapter_id=adapter_id, owner=owner, public=public, instruction=task.instruction, base_model=self.generator.base_model,
+            hypernetwork=self.generator.fingerprint, rank=spec.rank, alpha=spec.alpha,
+            target_modules=list(spec.target_modules), size_bytes=len(blob), num_demos=len(task.demos), created_at=utc_now(),
+        )
+        return blob, meta
+
+    def _generated_blob(self, task: Task, adapter_id: str) -> tuple[bytes, dict[str, float]]:
+        """The blob and its stage timings (ms): from the generator process when there is one, else,
+        or when it fails, here (a failed child costs speed, never the request)."""
+        if self.generator_process is not None:
+            try:
+                return self.generator_process.generate(task, adapter_id)
+            except GeneratorProcessError:
+                self.metrics.generator_fallbacks.inc()
         adapter = self.generator.generate(task)
         stages = dict(self.generator.last_timings)  # this thread is the generator's only caller in the server
         adapter.task_hash = adapter_id  # a tenant's own copy carries its scoped id
         start = time.perf_counter()
         blob = adapter.to_bytes()
         stages["serialise_ms"] = (time.perf_counter() - start) * 1000
-        for stage, ms in stages.items():
-            self.metrics.generation_stage_seconds.labels(stage.removesuffix("_ms")).observe(ms / 1000)
-        meta = AdapterMeta(
-            adapter_id=adapter_id, owner=owner, public=public, instruction=task.instruction, base_model=self.generator.base_model,
-            hypernetwork=self.generator.fingerprint, rank=adapter.rank, alpha=adapter.alpha,
-            target_modules=adapter.target_modules, size_bytes=len(blob), num_demos=len(task.demos), created_at=utc_now(),
-        )
-        return blob, meta
+        return blob, stages
 
     # --- engine side --------------------------------------------------------
 
@@ -439,6 +466,8 @@ class AdapterService:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.generator_process is not None:
+            self.generator_process.close()
 
 
 def _composed(records: list[AdapterRecord], weighted: list[tuple[str, float]], method: str, adapter_id: str) -> Adapter:  # blocking

@@ -38,6 +38,7 @@ async def build_state(settings: Settings):
     from hypergen.engines import create_engine
     from server.adapters import AdapterService, private_dir
     from server.cache import MemoryCache, RedisCache
+    from server.generator_process import GeneratorProcess
     from server.generation import GenerationService
     from server.jobs import JobService
     from server.metrics import Metrics
@@ -48,6 +49,10 @@ async def build_state(settings: Settings):
         HyperGenerator.from_pretrained, settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype
     )
     base_name = generator.base_model
+    process = None
+    if settings.generator_process:  # loads beside the engine's start; warm_up waits for it
+        process = GeneratorProcess(settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype)
+        process.start()
     model_path = resolve_base_model(base_name)
     tokenizer = load_tokenizer(base_name)
     max_rank = max(settings.max_lora_rank or 0, generator.spec.rank)
@@ -60,7 +65,7 @@ async def build_state(settings: Settings):
     tenants = Tenants(settings, redis)
     adapters = AdapterService(
         generator, tokenizer, MemoryCache(settings.memory_cache_bytes), redis, default_adapter_dir(settings), engine, metrics,
-        settings.max_adapter_dirs, max_rank, tenants,
+        settings.max_adapter_dirs, max_rank, tenants, generator_process=process,
     )
     await adapters.warm_up()
     generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)

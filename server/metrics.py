@@ -20,6 +20,8 @@ class Metrics:
             "hypergen_cache_corrupt_total", "Cache entries dropped for a bad checksum", ["tier"], registry=r
         )
         self.hypernetwork_runs = Counter("hypergen_hypernetwork_runs_total", "Hypernetwork forward passes", registry=r)
+        self.generator_fallbacks = Counter(
+            "hypergen_generator_fallbacks_total", "Misses generated in the server process because the generator process failed", registry=r)
         self.hypernetwork_seconds = Histogram(
             "hypergen_hypernetwork_seconds", "Encode + hypernetwork + serialise", buckets=LATENCY_BUCKETS, registry=r
         )

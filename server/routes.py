@@ -163,7 +163,9 @@ async def healthz() -> dict:
 
 @health.get("/readyz", tags=["health"], responses={503: {"description": "Starting, or the engine is down"}})
 async def readyz(request: Request, response: Response) -> dict:
-    """Ready when the engine is loaded; 'degraded' (still 200) while Redis is configured but unreachable."""
+    """Ready when the engine is loaded; 'degraded' (still 200) while Redis is configured but unreachable.
+    ``generating_in``: "process" while the generator process makes adapters, "server" while the
+    server makes them itself (the process is off, or failed and a new one is not ready yet)."""
     state: ServerState | None = getattr(request.app.state, "hypergen", None)
     if state is None or not state.engine.ready():
         response.status_code = 503
@@ -180,6 +182,7 @@ async def readyz(request: Request, response: Response) -> dict:
         "base_model": state.base_name,
         "hypernetwork": state.generator.fingerprint,
         "hypernetwork_trained": state.generator.trained,
+        "generating_in": state.adapters.generating_in,
     }
 
 

@@ -129,3 +129,34 @@ def test_a_dead_engine_costs_503s_until_a_new_one_is_up(server_env, tmp_path):
             assert server.proc.poll() is None and client.get("/readyz").status_code == 200
     finally:
         server.stop()
+
+
+def test_a_dead_generator_process_costs_speed_not_answers(server_env, tmp_path):
+    """The server generates misses in a child process; killed, the next misses are generated in
+    the server itself (same adapters), and a new child takes over a few seconds later."""
+    import os
+    import signal
+    import subprocess
+
+    server = ServerProcess(tmp_path, {**server_env, "HYPERGEN_ENGINE": "hf"}, "genproc").wait_ready()
+    try:
+        with server.client() as client:
+            assert client.get("/readyz").json()["generating_in"] == "process"
+            child = subprocess.run(["pgrep", "-P", str(server.proc.pid), "-f", "server.generator_process"],
+                                   capture_output=True, text=True).stdout.split()
+            assert len(child) == 1, child
+            before = client.post("/adapters", json=new_task("before")).json()["adapter_id"]
+            os.kill(int(child[0]), signal.SIGKILL)
+            after = client.post("/adapters", json=new_task("after"))
+            assert after.status_code == 200, after.text
+            assert client.get("/readyz").json()["generating_in"] == "server"
+            assert "hypergen_generator_fallbacks_total 1.0" in client.get("/metrics").text
+            assert client.post("/generate", json={"input": "big", "adapter_id": after.json()["adapter_id"], "max_tokens": 2}).status_code == 200
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and client.get("/readyz").json()["generating_in"] != "process":
+                assert client.post("/adapters", json=new_task("meanwhile")).status_code == 200
+                time.sleep(1)
+            assert client.get("/readyz").json()["generating_in"] == "process"
+            assert client.get(f"/adapters/{before}").status_code == 200
+    finally:
+        server.stop()

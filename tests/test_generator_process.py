@@ -1,0 +1,71 @@
+"""The generator process (server/generator_process.py): real child processes on the test
+checkpoint. It must give the bytes the server's own process would, and a child that dies or
+cannot load must cost speed, never an answer."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from hypergen.generator import HyperGenerator
+from hypergen.task import Demo, Task
+from server import generator_process
+from server.generator_process import GeneratorProcess, GeneratorProcessError
+
+TASKS = [
+    Task("Answer with the antonym of the given word.", (Demo("hot", "cold"), Demo("up", "down"))),
+    Task("Translate the number into Roman numerals."),
+]
+
+
+def in_process_blob(generator: HyperGenerator, task: Task, task_hash: str) -> bytes:
+    adapter = generator.generate(task)
+    adapter.task_hash = task_hash
+    return adapter.to_bytes()
+
+
+@pytest.fixture(scope="module")
+def process(checkpoint_dir):
+    proc = GeneratorProcess(str(checkpoint_dir), None, "cpu", "float32")
+    proc.start()
+    proc.wait_ready()
+    yield proc
+    proc.close()
+
+
+def test_the_process_gives_the_bytes_the_server_process_would(process, checkpoint_dir):
+    here = HyperGenerator.from_pretrained(checkpoint_dir, dtype="float32")
+    for i, task in enumerate(TASKS):
+        task_hash = f"{i:064x}"
+        blob, stages = process.generate(task, task_hash)
+        assert blob == in_process_blob(here, task, task_hash)
+        assert set(stages) == {"encode_ms", "hypernetwork_ms", "tensors_ms", "serialise_ms"}
+        assert all(ms > 0 for ms in stages.values())
+
+
+def test_a_killed_child_fails_one_call_and_a_new_one_takes_over(process, checkpoint_dir, monkeypatch):
+    monkeypatch.setattr(generator_process, "RETRY_S", 0.0)
+    first = process.pid
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(GeneratorProcessError, match="died"):
+        process.generate(TASKS[0], "0" * 64)
+    assert process.failures == 1 and not process.ready
+    with pytest.raises(GeneratorProcessError, match="starting"):  # never waits for the new child
+        process.generate(TASKS[0], "0" * 64)
+    process.wait_ready()
+    assert process.pid not in (None, first)
+    blob, _ = process.generate(TASKS[0], "0" * 64)
+    assert blob == in_process_blob(HyperGenerator.from_pretrained(checkpoint_dir, dtype="float32"), TASKS[0], "0" * 64)
+
+
+def test_a_child_that_cannot_load_reports_why_and_is_not_restarted_at_once(tmp_path):
+    broken = GeneratorProcess(str(tmp_path / "missing"), None, "cpu", "float32")
+    broken.start()
+    with pytest.raises(GeneratorProcessError, match="could not load the checkpoint"):
+        broken.wait_ready()
+    assert broken.failures == 1 and broken.pid is None
+    with pytest.raises(GeneratorProcessError):
+        broken.generate(TASKS[0], "0" * 64)
+    assert broken.pid is None  # within RETRY_S of the failure: no new child yet
+    broken.close()
