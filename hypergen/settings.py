@@ -41,8 +41,8 @@ class Settings(BaseSettings):
 
     # --- server ------------------------------------------------------------
     generator_process: bool = Field(
-        default=True, description="Generate adapters in a process of its own beside the server (about 1.4x faster "
-        "on CPU than on the server's thread; server/generator_process.py). Off: in the server process.")
+        default=True, description="Generate adapters in a process of its own beside the server (faster on CPU than "
+        "on the server's thread; server/generator_process.py). Off, or with a GPU device: in the server process.")
     host: str = "127.0.0.1"
     port: int = 8000
     engine: Literal["vllm", "hf"] = Field(

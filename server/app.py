@@ -50,7 +50,7 @@ async def build_state(settings: Settings):
     )
     base_name = generator.base_model
     process = None
-    if settings.generator_process:  # loads beside the engine's start; warm_up waits for it
+    if settings.generator_process and settings.device == "cpu":  # loads beside the engine's start; warm_up waits for it
         process = GeneratorProcess(settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype)
         process.start()
     model_path = resolve_base_model(base_name)
