@@ -104,7 +104,7 @@ def generator_process_ab(rounds: int) -> None:
             for name, client in clients.items():
                 before = histogram(client, STAGES)
                 for i in range(10):
-                    task, _ = synthetic_task(offset + 1000 * r + 100 * len(stages[name]) + i + (0 if name == "process" else 500_000))
+                    task, _ = synthetic_task(offset + 1000 * r + i + (0 if name == "process" else 500_000))
                     create(client, task, False, [], times[name])
                 stages[name].append(mean_ms(before, histogram(client, STAGES)))
         p50 = {name: pct(values, .5) for name, values in times.items()}

@@ -7,7 +7,6 @@ adapters (CLI, server, evaluation) goes through it.
 from __future__ import annotations
 
 import functools
-
 import logging
 import time
 from importlib import resources

@@ -32,7 +32,7 @@ from hypergen.selection import Selection
 from hypergen.task import TASK_HASH_PATTERN, Demo, Task
 from server.cache import CacheEntry, MemoryCache, RedisCache
 from server.errors import ApiError
-from server.generator_process import GeneratorProcess, GeneratorProcessError
+from server.generator_process import GeneratorProcess, GeneratorProcessError, adapter_blob
 from hypergen.engines import Engine, LoadedAdapter
 from server.metrics import Metrics
 from server.schemas import AdapterMeta, AdapterOut, Composition, WeightedAdapter, utc_now
@@ -372,13 +372,7 @@ class AdapterService:
                 return self.generator_process.generate(task, adapter_id)
             except GeneratorProcessError:
                 self.metrics.generator_fallbacks.inc()
-        adapter = self.generator.generate(task)
-        stages = dict(self.generator.last_timings)  # this thread is the generator's only caller in the server
-        adapter.task_hash = adapter_id  # a tenant's own copy carries its scoped id
-        start = time.perf_counter()
-        blob = adapter.to_bytes()
-        stages["serialise_ms"] = (time.perf_counter() - start) * 1000
-        return blob, stages
+        return adapter_blob(self.generator, task, adapter_id)  # this thread is the generator's only caller in the server
 
     # --- engine side --------------------------------------------------------
 

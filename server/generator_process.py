@@ -12,8 +12,8 @@ adapter service has one hypernetwork thread.
 
 Failure is contained: a child that dies, stops answering or cannot load makes ``generate``
 raise ``GeneratorProcessError`` and the service generates in its own process; a new child starts
-``RETRY_S`` later and takes over once it is ready, so no request waits on a child's start. The child exits when the server's end of the socket closes, so it
-never outlives a killed server.
+``RETRY_S`` later and takes over once it is ready, so no request waits on a child's start. The
+child exits when the server's end of the socket closes, so it never outlives a killed server.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+from hypergen.generator import HyperGenerator
 from hypergen.task import Task
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,19 @@ class GeneratorProcess:
             self._stop()
 
 
+def adapter_blob(generator: HyperGenerator, task: Task, task_hash: str) -> tuple[bytes, dict[str, float]]:
+    """A miss made into bytes, with its stage timings in ms: in the child, and in the server when
+    it generates itself. The blob carries ``task_hash`` (a tenant's own copy carries its scoped
+    id). Reads ``generator.last_timings``, so the generator must have no other caller meanwhile."""
+    adapter = generator.generate(task)
+    adapter.task_hash = task_hash
+    start = time.perf_counter()
+    blob = adapter.to_bytes()
+    return blob, {**generator.last_timings, "serialise_ms": (time.perf_counter() - start) * 1000}
+
+
 def serve(conn: Connection, checkpoint: str, base_model: str | None, device: str, dtype: str) -> None:
     """The child's loop: load, warm up, say ready, then one task in, one blob out, until EOF."""
-    from hypergen.generator import HyperGenerator
-
     try:
         generator = HyperGenerator.from_pretrained(checkpoint, base_model, device, dtype)
         generator.warm_up()
@@ -186,11 +196,7 @@ def serve(conn: Connection, checkpoint: str, base_model: str | None, device: str
         except EOFError:
             return
         try:
-            adapter = generator.generate(Task.from_dict(request["task"]))
-            adapter.task_hash = request["task_hash"]
-            start = time.perf_counter()
-            blob = adapter.to_bytes()
-            stages = {**generator.last_timings, "serialise_ms": (time.perf_counter() - start) * 1000}
+            blob, stages = adapter_blob(generator, Task.from_dict(request["task"]), request["task_hash"])
         except Exception as exc:  # noqa: BLE001 (one bad task must not end the child)
             log.exception("generation failed in the generator process")
             conn.send_bytes(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
