@@ -1,11 +1,13 @@
 """Latency of task -> adapter bytes (encode + hypernetwork + serialisation), default spec.
 
-    .venv/bin/python bench/generate_latency.py [--checkpoint DIR] [--tasks 50]
+    .venv/bin/python bench/generate_latency.py [--checkpoint DIR] [--tasks 50] [--dtype float32,int8]
 
 Prints one JSON line. "cold" is the first task after loading; p50/p95 are over
 the following distinct tasks (3 demos each), one at a time, with the median of each
 stage (encoder, hypernetwork, tensors, serialisation); batch16 is generate_many on 16
-new tasks, per task.
+new tasks, per task (the median of 3 batches). With several dtypes, one generator per dtype
+is loaded into this process and every task goes to each in turn (the order alternating), so
+their figures are side by side on the same tasks; "p50_over_first" compares them.
 """
 from __future__ import annotations
 
@@ -49,56 +51,71 @@ def against_float32(gen: HyperGenerator, tasks: list) -> dict[str, float]:
     return {"max_adapter_diff_over_correction": worst, "min_embedding_cosine": round(lowest, 6)}
 
 
+def measure(gens: dict[str, HyperGenerator], n_tasks: int) -> dict[str, dict]:
+    """Latency figures per generator, the generators taking turns on the same tasks."""
+    order = list(gens)
+    cold = {}
+    for name in order:
+        start = time.perf_counter()
+        gens[name].generate(make_task(-1)).to_bytes()
+        cold[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in order}
+    stages = {name: {"encode_ms": [], "hypernetwork_ms": [], "tensors_ms": [], "bytes_ms": []} for name in order}
+    for i in range(n_tasks):
+        task = make_task(i)
+        for name in (order if i % 2 == 0 else order[::-1]):
+            gen = gens[name]
+            start = time.perf_counter()
+            adapter = gen.generate(task)
+            made = time.perf_counter()
+            adapter.to_bytes()
+            times[name].append(time.perf_counter() - start)
+            for stage, value in {**gen.last_timings, "bytes_ms": (time.perf_counter() - made) * 1000}.items():
+                stages[name][stage].append(value)
+    batch16: dict[str, list[float]] = {name: [] for name in order}
+    for r in range(3):
+        batch = [make_task(1000 + 16 * r + i) for i in range(16)]
+        for name in (order if r % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            for adapter in gens[name].generate_many(batch):
+                adapter.to_bytes()
+            batch16[name].append((time.perf_counter() - start) / 16)
+    out = {}
+    for name in order:
+        ts = sorted(times[name])
+        gen = gens[name]
+        out[name] = {
+            "p50_ms": ms(statistics.median(ts)),
+            "p95_ms": ms(ts[int(0.95 * (len(ts) - 1))]),
+            "batch16_ms_per_task": ms(statistics.median(batch16[name])),
+            "p50_stages_ms": {stage: round(statistics.median(v), 2) for stage, v in stages[name].items()},
+            "cold_ms": ms(cold[name]),
+            "dtype": gen.compute_dtype,
+            "vs_float32": against_float32(gen, [make_task(i) for i in range(20)]) if gen.compute_dtype != "float32" else None,
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=get_settings().checkpoint)
     parser.add_argument("--device", default=get_settings().device, help="the hypernetwork's device (HYPERGEN_DEVICE)")
-    parser.add_argument("--dtype", default=get_settings().generator_dtype, help="compute dtype of the encoder and hypernetwork (HYPERGEN_GENERATOR_DTYPE)")
+    parser.add_argument("--dtype", default=get_settings().generator_dtype,
+                        help="what the encoder and hypernetwork compute in (HYPERGEN_GENERATOR_DTYPE); several, comma-separated, side by side")
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    gen = HyperGenerator.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
-
-    start = time.perf_counter()
-    gen.generate(make_task(-1)).to_bytes()
-    cold = time.perf_counter() - start
-
-    times = []
-    stages: dict[str, list[float]] = {"encode_ms": [], "hypernetwork_ms": [], "tensors_ms": [], "bytes_ms": []}
-    for i in range(args.tasks):
-        task = make_task(i)
-        start = time.perf_counter()
-        adapter = gen.generate(task)
-        made = time.perf_counter()
-        adapter.to_bytes()
-        times.append(time.perf_counter() - start)
-        for name, value in {**gen.last_timings, "bytes_ms": (time.perf_counter() - made) * 1000}.items():
-            stages[name].append(value)
-    times.sort()
-
-    batch = [make_task(1000 + i) for i in range(16)]
-    start = time.perf_counter()
-    for adapter in gen.generate_many(batch):
-        adapter.to_bytes()
-    batch16 = (time.perf_counter() - start) / 16
-
-    rounding = against_float32(gen, [make_task(i) for i in range(20)]) if gen.compute_dtype != "float32" else None
-
-    print(json.dumps({
-        "p50_ms": ms(statistics.median(times)),
-        "p95_ms": ms(times[int(0.95 * (len(times) - 1))]),
-        "batch16_ms_per_task": ms(batch16),
-        "p50_stages_ms": {name: round(statistics.median(values), 2) for name, values in stages.items()},
-        "cold_ms": ms(cold),
-        "tasks": args.tasks,
-        "threads": torch.get_num_threads(),
-        "checkpoint": gen.checkpoint,
-        "device": args.device,
-        "dtype": gen.compute_dtype,
-        "vs_float32": rounding,
-    }))
+    dtypes = args.dtype.split(",")
+    gens = {d: HyperGenerator.from_pretrained(args.checkpoint, device=args.device, dtype=d) for d in dtypes}
+    results = measure(gens, args.tasks)
+    common = {"tasks": args.tasks, "threads": torch.get_num_threads(), "checkpoint": gens[dtypes[0]].checkpoint, "device": args.device}
+    if len(dtypes) == 1:
+        print(json.dumps({**results[dtypes[0]], **common}))
+        return
+    first = results[dtypes[0]]["p50_ms"]
+    print(json.dumps({"by_dtype": results, "p50_over_first": {d: round(r["p50_ms"] / first, 3) for d, r in results.items()}, **common}))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ Without --url it starts `hypergen serve` (vLLM engine, Redis from HYPERGEN_REDIS
 default redis://127.0.0.1:6379/0, under a fresh key prefix). Server-side times come
 from the Server-Timing header; client-side times include HTTP on loopback; the miss's generation part (encoder, network,
 serialisation, on the server's hypernetwork thread) is the mean from its /metrics, with its stages
-(encode, hypernetwork, tensors, serialise). ``--generator-process-ab ROUNDS`` instead compares misses
-with the generator process (the default) and without it, two servers side by side. Every task is new, in its words too
+(encode, hypernetwork, tensors, serialise). ``--ab generator-process`` instead compares misses with the
+generator process (the default) and without it, ``--ab generator-dtype`` int8 heads against float32 generation:
+two servers side by side, ``--rounds`` rounds of 10 new tasks each. Every task is new, in its words too
 (`tasks.synthetic_task`), so a miss encodes all its texts. Prints one JSON line.
 """
 from __future__ import annotations
@@ -90,27 +91,34 @@ def start_server(**env: str) -> ServerProcess:
     return ServerProcess(Path(tempfile.mkdtemp()), env, "bench").wait_ready()
 
 
-def generator_process_ab(rounds: int) -> None:
-    """Misses with the generator process against misses generated in the server process: two
-    servers up at once, rounds of 10 new tasks alternated between them, one JSON line."""
-    servers = {"process": start_server(HYPERGEN_GENERATOR_PROCESS="true"),
-               "server": start_server(HYPERGEN_GENERATOR_PROCESS="false")}
+AB = {  # comparison -> {variant: the server's HYPERGEN_* settings}; the first variant is the default's
+    "generator-process": {"process": {"HYPERGEN_GENERATOR_PROCESS": "true"}, "server": {"HYPERGEN_GENERATOR_PROCESS": "false"}},
+    "generator-dtype": {"int8": {"HYPERGEN_GENERATOR_DTYPE": "int8"}, "float32": {"HYPERGEN_GENERATOR_DTYPE": "float32"}},
+}
+
+
+def side_by_side(comparison: str, rounds: int) -> None:
+    """Misses on two servers up at once that differ in one setting (``AB``), rounds of 10 new
+    tasks alternated between them; one JSON line with p50, p95 and stage medians of each."""
+    servers = {name: start_server(**env) for name, env in AB[comparison].items()}
     offset = int(time.time())
     try:
         clients = {name: httpx.Client(base_url=s.url, timeout=300) for name, s in servers.items()}
         times: dict[str, list[float]] = {name: [] for name in servers}
         stages: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
         for r in range(rounds):
-            for name, client in clients.items():
+            for v, (name, client) in enumerate(clients.items()):
                 before = histogram(client, STAGES)
                 for i in range(10):
-                    task, _ = synthetic_task(offset + 1000 * r + i + (0 if name == "process" else 500_000))
+                    task, _ = synthetic_task(offset + 1000 * r + i + 500_000 * v)
                     create(client, task, False, [], times[name])
                 stages[name].append(mean_ms(before, histogram(client, STAGES)))
         p50 = {name: pct(values, .5) for name, values in times.items()}
+        first, second = p50.values()
         print(json.dumps({
-            "miss_server_ms_p50": p50, "miss_server_ms_p95": {name: pct(values, .95) for name, values in times.items()},
-            "process_over_server": round(p50["process"] / p50["server"], 3),
+            "comparison": comparison, "miss_server_ms_p50": p50,
+            "miss_server_ms_p95": {name: pct(values, .95) for name, values in times.items()},
+            "first_over_second": round(first / second, 3),
             "stage_median_ms": {name: {k: round(statistics.median(d[k] for d in rows), 2) for k in rows[0]} for name, rows in stages.items()},
             "rounds": rounds,
         }))
@@ -123,11 +131,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url")
     parser.add_argument("--n", type=int, default=20)
-    parser.add_argument("--generator-process-ab", type=int, metavar="ROUNDS",
-                        help="only compare misses with and without the generator process, side by side")
+    parser.add_argument("--ab", choices=sorted(AB), help="only compare misses on two servers that differ in one setting")
+    parser.add_argument("--rounds", type=int, default=10, help="with --ab: rounds of 10 new tasks per server")
     args = parser.parse_args()
-    if args.generator_process_ab:
-        return generator_process_ab(args.generator_process_ab)
+    if args.ab:
+        return side_by_side(args.ab, args.rounds)
     server = None
     if args.url is None:
         server = start_server()

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--multitask-lora", help="PEFT folder of the multi-task LoRA")
     ev.add_argument("--oracle-dir", help="folder of per-task LoRAs: <task>/adapter")
     ev.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
-    ev.add_argument("--generator-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+    ev.add_argument("--generator-dtype", default="float32", choices=["float32", "bfloat16", "int8", "auto"],
                     help="compute dtype of the encoder and hypernetwork (float32: exact; a server uses HYPERGEN_GENERATOR_DTYPE)")
     ev.add_argument("--out", required=True, help="output folder (eval.json, eval.md, eval.png); re-run to resume")
     model_args(ev)

@@ -18,8 +18,8 @@ import torch
 from hypergen.adapter import Adapter, peft_key
 from hypergen.base_model import compute_dtype, load_dims
 from hypergen.encoder import TaskEncoder
-from hypergen.errors import CheckpointError
-from hypergen.hypernet import HyperNetConfig, HyperNetwork
+from hypergen.errors import CheckpointError, HypergenError
+from hypergen.hypernet import HyperNetConfig, HyperNetwork, int8_available
 from hypergen.settings import DEFAULT_BASE_MODEL, DEFAULT_CHECKPOINT, DEFAULT_ENCODER
 from hypergen.spec import LoraSpec
 from hypergen.selection import PoolSelector, Selection
@@ -32,6 +32,22 @@ log = logging.getLogger(__name__)
 def packaged_checkpoint() -> Path:
     """The checkpoint shipped inside the package (may be absent in a source tree before training)."""
     return Path(str(resources.files("hypergen") / "checkpoints" / "default"))
+
+
+def generation_dtype(requested: str = "auto", device: str = "cpu") -> str:
+    """What the encoder and hypernetwork compute in: ``float32``, ``bfloat16`` or ``int8`` (the
+    network's heads in int8, the rest float32; ``HyperNetwork.quantize_heads``).
+
+    ``auto``: bfloat16 where the hardware computes it natively (as for the base model); else,
+    on a CPU with int8 kernels, int8; else float32. Raises HypergenError for int8 off the CPU.
+    """
+    if requested == "auto":
+        if compute_dtype("auto") == "bfloat16":
+            return "bfloat16"
+        return "int8" if device == "cpu" and int8_available() else "float32"
+    if requested == "int8" and (device != "cpu" or not int8_available()):
+        raise HypergenError("int8 generation needs the CPU and torch's x86 int8 kernels; use float32 or bfloat16", "generator_dtype")
+    return requested
 
 
 class HyperGenerator:
@@ -65,9 +81,9 @@ class HyperGenerator:
     ) -> "HyperGenerator":
         """Loads a checkpoint folder, or 'default' for the packaged one, and checks it fits the base.
 
-        ``dtype`` is the compute dtype of the encoder and the network (``HyperNetwork.compute_in``;
-        ``auto`` as for the base model): float32 by default, so library calls and evaluations are
-        exact; the server and CLI pass ``HYPERGEN_GENERATOR_DTYPE``.
+        ``dtype`` is what the encoder and the network compute in (``generation_dtype``): float32
+        by default, so library calls and evaluations are exact; the server and CLI pass
+        ``HYPERGEN_GENERATOR_DTYPE``.
 
         With 'default' and no trained checkpoint in the package (a source tree
         before training), an untrained network for the base model is built
@@ -81,8 +97,11 @@ class HyperGenerator:
         else:
             path = Path(checkpoint).expanduser()
         network, fingerprint = HyperNetwork.load(path, device=device)
-        torch_dtype = getattr(torch, compute_dtype(dtype))
+        precision = generation_dtype(dtype, device)
+        torch_dtype = torch.float32 if precision == "int8" else getattr(torch, precision)
         network.compute_in(torch_dtype)
+        if precision == "int8":
+            network.quantize_heads()
         base = base_model or network.config.base_model
         network.config.check_base(load_dims(base))
         encoder = TaskEncoder(network.config.encoder, device=device, dtype=torch_dtype)
@@ -118,8 +137,8 @@ class HyperGenerator:
 
     @property
     def compute_dtype(self) -> str:
-        """The dtype the network's heads compute in (``HyperNetwork.compute_in``)."""
-        return str(self.network.mix.weight.dtype).removeprefix("torch.")
+        """What the network's heads compute in (``generation_dtype``)."""
+        return self.network.compute_precision
 
     @property
     def trained(self) -> bool:

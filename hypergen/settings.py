@@ -34,10 +34,11 @@ class Settings(BaseSettings):
         description="Hypernetwork checkpoint folder, or 'default' for the one shipped in the package.",
     )
     device: str = Field(default="cpu", description="Torch device for the hypernetwork.")
-    generator_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        default="auto", description="Compute dtype of adapter generation while serving (task encoder and hypernetwork; "
-        "the shared LoRA stays float32): auto = bfloat16 where the hardware computes it natively, else float32. "
-        "bf16 takes about half the time there; adapters differ from float32 ones by rounding.")
+    generator_dtype: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        default="auto", description="What adapter generation computes in while serving (task encoder and hypernetwork; "
+        "the shared LoRA stays float32): auto = bfloat16 where the hardware computes it natively, else int8 on a CPU "
+        "with torch's x86 int8 kernels (the hypernetwork's output heads in int8, the rest float32), else float32. "
+        "Adapters differ from float32 ones by rounding only.")
 
     # --- server ------------------------------------------------------------
     generator_process: bool = Field(

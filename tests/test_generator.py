@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hypergen.adapter import Adapter, peft_key
-from hypergen.errors import CheckpointError, CorruptAdapterError
-from hypergen.generator import HyperGenerator
-from hypergen.hypernet import FORMAT_VERSION, HyperNetConfig
+from hypergen.errors import CheckpointError, CorruptAdapterError, HypergenError
+from hypergen.generator import HyperGenerator, generation_dtype
+from hypergen.hypernet import FORMAT_VERSION, HyperNetConfig, int8_available
 from hypergen.task import Demo, Task
 
 TASK = Task("Answer with the antonym of the word.", (Demo("hot", "cold"), Demo("up", "down"), Demo("big", "small")))
@@ -114,6 +114,43 @@ def test_bf16_generation_keeps_the_shared_lora_exact_and_the_adapter_close(gener
     assert b.tensors[peft_key(0, "q_proj", "B")].dtype == torch.float32  # emitted as float32 whatever the compute
     for key, tensor in a.tensors.items():
         assert (b.tensors[key] - tensor).norm() <= 0.01 * tensor.norm() + 1e-6, key
+
+
+@pytest.mark.skipif(not int8_available(), reason="this torch has no x86 int8 kernels")
+def test_int8_generation_quantizes_only_the_heads_and_keeps_the_adapter_close(smollm_dir):
+    exact = HyperGenerator.from_pretrained("default")  # the shipped, trained checkpoint
+    fast = HyperGenerator.from_pretrained("default", dtype="int8")
+    assert fast.compute_dtype == "int8" and fast.info()["hypernetwork_dtype"] == "int8"
+    assert all(type(head) is not torch.nn.Linear for head in fast.network.a_heads.values())  # swapped for int8 ones
+    assert type(fast.network.mix) is torch.nn.Linear and fast.network.mix.weight.dtype == torch.float32  # trunk as is
+    assert next(fast.encoder.model.parameters()).dtype == torch.float32
+    assert fast.fingerprint == exact.fingerprint and fast.task_hash(TASK) == exact.task_hash(TASK)
+    shared = exact.shared_adapter().tensors
+    a, b = exact.generate(TASK), fast.generate(TASK)
+    assert fast.generate(TASK).to_bytes() == b.to_bytes()  # deterministic: one task, one blob
+    correction = sum(float((a.tensors[k] - shared[k]).norm()) ** 2 for k in a.tensors) ** 0.5
+    error = sum(float((b.tensors[k] - a.tensors[k]).norm()) ** 2 for k in a.tensors) ** 0.5
+    assert 0 < error <= 0.01 * correction  # rounded, not exact, and far below what the task changes (0.1% measured)
+    assert all(torch.equal(fast.shared_adapter().tensors[k], shared[k]) for k in shared)  # shared LoRA untouched
+
+
+@pytest.mark.parametrize("native_bf16, int8, device, expected", [
+    (True, True, "cpu", "bfloat16"),
+    (False, True, "cpu", "int8"),     # e.g. an AVX2-only EPYC
+    (False, False, "cpu", "float32"),
+    (False, True, "cuda", "float32"),
+])
+def test_auto_generation_dtype_follows_the_hardware(monkeypatch, native_bf16, int8, device, expected):
+    import hypergen.generator as generator_module
+
+    monkeypatch.setattr(generator_module, "compute_dtype", lambda requested: "bfloat16" if native_bf16 else "float32")
+    monkeypatch.setattr(generator_module, "int8_available", lambda: int8)
+    assert generation_dtype("auto", device) == expected
+    assert generation_dtype("float32", device) == "float32"  # explicit wins
+    if device == "cuda":
+        with pytest.raises(HypergenError) as err:
+            generation_dtype("int8", device)
+        assert err.value.field == "generator_dtype"
 
 
 def test_save_peft_loads_in_peft_with_identical_tensors(generator, smollm_dir, tmp_path):
