@@ -7,8 +7,10 @@ default redis://127.0.0.1:6379/0, under a fresh key prefix). Server-side times c
 from the Server-Timing header; client-side times include HTTP on loopback; the miss's generation part (encoder, network,
 serialisation, on the server's hypernetwork thread) is the mean from its /metrics, with its stages
 (encode, hypernetwork, tensors, serialise). ``--ab generator-process`` instead compares misses with the
-generator process (the default) and without it, ``--ab generator-dtype`` int8 heads against float32 generation:
-two servers side by side, ``--rounds`` rounds of 10 new tasks each. Every task is new, in its words too
+generator process (the default) and without it, ``--ab generator-dtype`` int8 heads against float32 generation,
+``--ab miss-batching`` misses batched (the default) against one at a time: two servers side by side, ``--rounds``
+rounds of 10 new tasks each, sent one after another, or ``--burst N`` at once (then also the time until the
+last of them is answered). Every task is new, in its words too
 (`tasks.synthetic_task`), so a miss encodes all its texts. Prints one JSON line.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -94,34 +97,48 @@ def start_server(**env: str) -> ServerProcess:
 AB = {  # comparison -> {variant: the server's HYPERGEN_* settings}; the first variant is the default's
     "generator-process": {"process": {"HYPERGEN_GENERATOR_PROCESS": "true"}, "server": {"HYPERGEN_GENERATOR_PROCESS": "false"}},
     "generator-dtype": {"int8": {"HYPERGEN_GENERATOR_DTYPE": "int8"}, "float32": {"HYPERGEN_GENERATOR_DTYPE": "float32"}},
+    "miss-batching": {"batched": {"HYPERGEN_GENERATION_MAX_BATCH": "16"}, "single": {"HYPERGEN_GENERATION_MAX_BATCH": "1"}},
 }
 
 
-def side_by_side(comparison: str, rounds: int) -> None:
-    """Misses on two servers up at once that differ in one setting (``AB``), rounds of 10 new
-    tasks alternated between them; one JSON line with p50, p95 and stage medians of each."""
+def side_by_side(comparison: str, rounds: int, burst: int = 0) -> None:
+    """Misses on two servers up at once that differ in one setting (``AB``), rounds alternated
+    between them: 10 new tasks one after another, or ``burst`` new tasks sent at once (then also
+    the time until the last answer). One JSON line with p50, p95 and stage medians of each."""
     servers = {name: start_server(**env) for name, env in AB[comparison].items()}
     offset = int(time.time())
     try:
         clients = {name: httpx.Client(base_url=s.url, timeout=300) for name, s in servers.items()}
         times: dict[str, list[float]] = {name: [] for name in servers}
+        walls: dict[str, list[float]] = {name: [] for name in servers}
         stages: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
         for r in range(rounds):
             for v, (name, client) in enumerate(clients.items()):
                 before = histogram(client, STAGES)
-                for i in range(10):
-                    task, _ = synthetic_task(offset + 1000 * r + i + 500_000 * v)
-                    create(client, task, False, [], times[name])
+                tasks = [synthetic_task(offset + 1000 * r + i + 500_000 * v)[0] for i in range(burst or 10)]
+                start = time.perf_counter()
+                if burst:
+                    with ThreadPoolExecutor(burst) as pool:
+                        list(pool.map(lambda task: create(client, task, False, [], times[name]), tasks))  # noqa: B023
+                else:
+                    for task in tasks:
+                        create(client, task, False, [], times[name])
+                walls[name].append((time.perf_counter() - start) * 1000)
                 stages[name].append(mean_ms(before, histogram(client, STAGES)))
         p50 = {name: pct(values, .5) for name, values in times.items()}
         first, second = p50.values()
-        print(json.dumps({
-            "comparison": comparison, "miss_server_ms_p50": p50,
+        out = {
+            "comparison": comparison, "burst": burst, "miss_server_ms_p50": p50,
             "miss_server_ms_p95": {name: pct(values, .95) for name, values in times.items()},
             "first_over_second": round(first / second, 3),
             "stage_median_ms": {name: {k: round(statistics.median(d[k] for d in rows), 2) for k in rows[0]} for name, rows in stages.items()},
             "rounds": rounds,
-        }))
+        }
+        if burst:
+            wall = {name: round(statistics.median(values), 1) for name, values in walls.items()}
+            first, second = wall.values()
+            out.update(burst_wall_ms_median=wall, burst_wall_first_over_second=round(first / second, 3))
+        print(json.dumps(out))
     finally:
         for server in servers.values():
             server.stop()
@@ -133,9 +150,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--ab", choices=sorted(AB), help="only compare misses on two servers that differ in one setting")
     parser.add_argument("--rounds", type=int, default=10, help="with --ab: rounds of 10 new tasks per server")
+    parser.add_argument("--burst", type=int, default=0, help="with --ab: each round sends this many new tasks at once")
+    parser.add_argument("--after-generate", action="store_true", help="send a 2-token generation before each miss")
     args = parser.parse_args()
     if args.ab:
-        return side_by_side(args.ab, args.rounds)
+        return side_by_side(args.ab, args.rounds, args.burst)
     server = None
     if args.url is None:
         server = start_server()
@@ -147,6 +166,8 @@ def main() -> None:
             miss_srv, miss_cli, hit_srv, hit_cli, ids = [], [], [], [], []
             generation, stages = histogram(client, GENERATION), histogram(client, STAGES)
             for task, _ in tasks:
+                if args.after_generate:  # a server that is also generating: the engine has just run a step
+                    client.post("/generate", json={"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 2})
                 ids.append(create(client, task, False, miss_cli, miss_srv)["adapter_id"])
             generation_ms = mean_ms(generation, histogram(client, GENERATION)).get("", 0.0)
             stage_ms = mean_ms(stages, histogram(client, STAGES))
@@ -170,7 +191,7 @@ def main() -> None:
             "adapter_hit_server_ms": {"p50": pct(hit_srv, .5), "p95": pct(hit_srv, .95)},
             "adapter_hit_client_ms": {"p50": pct(hit_cli, .5), "p95": pct(hit_cli, .95)},
             "ttft_ms": {"new_adapter_p50": pct(new, .5), "resident_adapter_p50": pct(resident, .5), "base_p50": pct(base, .5)},
-            "n": args.n, "engine": ready.get("engine"), "redis": ready.get("redis"),
+            "n": args.n, "after_generate": args.after_generate, "engine": ready.get("engine"), "redis": ready.get("redis"),
         }))
     finally:
         if server is not None:

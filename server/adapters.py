@@ -32,7 +32,8 @@ from hypergen.selection import Selection
 from hypergen.task import TASK_HASH_PATTERN, Demo, Task
 from server.cache import CacheEntry, MemoryCache, RedisCache
 from server.errors import ApiError
-from server.generator_process import GeneratorProcess, GeneratorProcessError, adapter_blob
+from server.generator_process import GeneratorProcess, GeneratorProcessError, adapter_blobs
+from server.miss_batches import Made, MissBatcher
 from hypergen.engines import Engine, LoadedAdapter
 from server.metrics import Metrics
 from server.schemas import AdapterMeta, AdapterOut, Composition, WeightedAdapter, utc_now
@@ -95,15 +96,19 @@ class AdapterService:
     tenants: Tenants | None = None  # owners and quotas (with API keys); every tenant argument is None without
     lock_ttl_ms: int = LOCK_TTL_MS
     generator_process: GeneratorProcess | None = None  # generates misses when set (server/generator_process.py)
+    max_batch: int = 16  # misses generated in one pass at most (server/miss_batches.py)
     _inflight: dict[str, asyncio.Future[AdapterRecord]] = field(default_factory=dict, init=False)
     # One thread: the hypernetwork uses all cores itself; parallel runs would only contend.
     _executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypernet"), init=False
     )
+    _batcher: MissBatcher = field(init=False)
 
     def __post_init__(self) -> None:
         private_dir(self.adapter_dir)
         self._prune_folders()  # also clears a crashed writer's .tmp-* folders
+        self._batcher = MissBatcher(self._generated_blobs, self._executor, self.max_batch,
+                                    self.metrics.generation_batch_size.observe)
 
     async def warm_up(self) -> None:
         """Waits for the generator process to load and warm up; without one (or if it cannot
@@ -282,11 +287,12 @@ class AdapterService:
         renewing = asyncio.create_task(self._keep_lock(adapter_id, token)) if token is not None else None
         try:
             start = time.perf_counter()
-            blob, meta = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_hypernetwork, task, adapter_id, owner, public)
+            blob, stages = await self._batcher.generate(task, adapter_id)
             self.metrics.hypernetwork_runs.inc()
             self.metrics.hypernetwork_seconds.observe(time.perf_counter() - start)
-            return await self.store(blob, meta)
+            for stage, ms in stages.items():
+                self.metrics.generation_stage_seconds.labels(stage.removesuffix("_ms")).observe(ms / 1000)
+            return await self.store(blob, self._generated_meta(task, adapter_id, blob, owner, public))
         finally:
             if renewing is not None:
                 renewing.cancel()
@@ -352,27 +358,24 @@ class AdapterService:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self.generator.selector.tasks_for, instruction, own, pool, inputs, selection)
 
-    def _run_hypernetwork(self, task: Task, adapter_id: str, owner: str | None, public: bool) -> tuple[bytes, AdapterMeta]:
-        blob, stages = self._generated_blob(task, adapter_id)
-        for stage, ms in stages.items():
-            self.metrics.generation_stage_seconds.labels(stage.removesuffix("_ms")).observe(ms / 1000)
+    def _generated_meta(self, task: Task, adapter_id: str, blob: bytes, owner: str | None, public: bool) -> AdapterMeta:
         spec = self.generator.spec  # the generator process loads the same checkpoint
-        meta = AdapterMeta(
+        return AdapterMeta(
             adapter_id=adapter_id, owner=owner, public=public, instruction=task.instruction, base_model=self.generator.base_model,
             hypernetwork=self.generator.fingerprint, rank=spec.rank, alpha=spec.alpha,
             target_modules=list(spec.target_modules), size_bytes=len(blob), num_demos=len(task.demos), created_at=utc_now(),
         )
-        return blob, meta
 
-    def _generated_blob(self, task: Task, adapter_id: str) -> tuple[bytes, dict[str, float]]:
-        """The blob and its stage timings (ms): from the generator process when there is one, else,
-        or when it fails, here (a failed child costs speed, never the request)."""
+    def _generated_blobs(self, tasks: list[Task], adapter_ids: list[str]) -> list[Made]:
+        """A batch of misses' blobs and stage timings (ms), on the hypernetwork thread: from the
+        generator process when there is one, else, or when it fails, here (a failed child costs
+        speed, never the request)."""
         if self.generator_process is not None:
             try:
-                return self.generator_process.generate(task, adapter_id)
+                return self.generator_process.generate_many(tasks, adapter_ids)
             except GeneratorProcessError:
                 self.metrics.generator_fallbacks.inc()
-        return adapter_blob(self.generator, task, adapter_id)  # this thread is the generator's only caller in the server
+        return adapter_blobs(self.generator, tasks, adapter_ids)  # this thread is the generator's only caller in the server
 
     # --- engine side --------------------------------------------------------
 

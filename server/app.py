@@ -65,7 +65,7 @@ async def build_state(settings: Settings):
     tenants = Tenants(settings, redis)
     adapters = AdapterService(
         generator, tokenizer, MemoryCache(settings.memory_cache_bytes), redis, default_adapter_dir(settings), engine, metrics,
-        settings.max_adapter_dirs, max_rank, tenants, generator_process=process,
+        settings.max_adapter_dirs, max_rank, tenants, generator_process=process, max_batch=settings.generation_max_batch,
     )
     await adapters.warm_up()
     generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)

@@ -6,9 +6,10 @@ engine idle and no other Python thread busy (README, Benchmarks: probes side by 
 that holds only torch, the encoder and the hypernetwork runs at the standalone speed.
 
 Protocol, over a socket pair, as ``multiprocessing.connection`` frames of JSON and bytes (no
-pickles): the server sends ``{"task": {...}, "task_hash": ...}``; the child answers a JSON header
-(``{"stages": {...}}`` or ``{"error": ...}``) and then the adapter blob. One call at a time: the
-adapter service has one hypernetwork thread.
+pickles): the server sends ``{"tasks": [...], "task_hashes": [...]}`` (a batch of misses,
+``server/miss_batches.py``); the child answers a JSON header (``{"stages": [{...} per task]}`` or
+``{"error": ...}``) and then one blob per task, in order. One call at a time: the adapter service
+has one hypernetwork thread.
 
 Failure is contained: a child that dies, stops answering or cannot load makes ``generate``
 raise ``GeneratorProcessError`` and the service generates in its own process; a new child starts
@@ -112,7 +113,11 @@ class GeneratorProcess:
         return True
 
     def generate(self, task: Task, task_hash: str) -> tuple[bytes, dict[str, float]]:
-        """The adapter blob for ``task`` (carrying ``task_hash``) and its stage timings in ms.
+        """The adapter blob for ``task`` (carrying ``task_hash``) and its stage timings in ms."""
+        return self.generate_many([task], [task_hash])[0]
+
+    def generate_many(self, tasks: list[Task], task_hashes: list[str]) -> list[tuple[bytes, dict[str, float]]]:
+        """Blobs and stage timings for a batch of tasks, in one batched pass in the child.
 
         Never waits for a child to start: while one loads (after a failure), this raises and the
         caller generates in its own process.
@@ -121,16 +126,16 @@ class GeneratorProcess:
             if not self._poll_ready():
                 raise GeneratorProcessError("the generator process is starting")
             try:
-                self._conn.send_bytes(json.dumps({"task": task.to_dict(), "task_hash": task_hash}).encode())
+                self._conn.send_bytes(json.dumps({"tasks": [t.to_dict() for t in tasks], "task_hashes": task_hashes}).encode())
                 if not self._conn.poll(CALL_TIMEOUT_S):
                     raise self._failed(f"the generator process gave no answer in {CALL_TIMEOUT_S:.0f} s")
                 header = json.loads(self._conn.recv_bytes())
-                if "error" in header:  # the child is fine; this task failed in it
+                if "error" in header:  # the child is fine; this batch failed in it
                     raise GeneratorProcessError(header["error"])
-                blob = self._conn.recv_bytes()
+                blobs = [self._conn.recv_bytes() for _ in tasks]
             except (EOFError, OSError) as exc:
                 raise self._failed(f"the generator process died ({exc or type(exc).__name__})") from None
-        return blob, header["stages"]
+        return list(zip(blobs, header["stages"]))
 
     def _failed(self, message: str) -> GeneratorProcessError:
         """Stops a child that cannot be trusted any more; a new one starts RETRY_S later, on the
@@ -170,19 +175,25 @@ class GeneratorProcess:
             self._stop()
 
 
-def adapter_blob(generator: HyperGenerator, task: Task, task_hash: str) -> tuple[bytes, dict[str, float]]:
-    """A miss made into bytes, with its stage timings in ms: in the child, and in the server when
-    it generates itself. The blob carries ``task_hash`` (a tenant's own copy carries its scoped
-    id). Reads ``generator.last_timings``, so the generator must have no other caller meanwhile."""
-    adapter = generator.generate(task)
-    adapter.task_hash = task_hash
-    start = time.perf_counter()
-    blob = adapter.to_bytes()
-    return blob, {**generator.last_timings, "serialise_ms": (time.perf_counter() - start) * 1000}
+def adapter_blobs(generator: HyperGenerator, tasks: list[Task], task_hashes: list[str]) -> list[tuple[bytes, dict[str, float]]]:
+    """Misses made into bytes in one batched pass, each with its stage timings in ms (its share of
+    the batch's encoder, network and tensor time, and its own serialisation): in the child, and in
+    the server when it generates itself. Each blob carries its ``task_hash`` (a tenant's own copy
+    carries its scoped id). Reads ``generator.last_timings``, so the generator must have no other
+    caller meanwhile."""
+    adapters = generator.generate_many(tasks)
+    share = {stage: ms / len(tasks) for stage, ms in generator.last_timings.items()}
+    out = []
+    for adapter, task_hash in zip(adapters, task_hashes):
+        adapter.task_hash = task_hash
+        start = time.perf_counter()
+        blob = adapter.to_bytes()
+        out.append((blob, {**share, "serialise_ms": (time.perf_counter() - start) * 1000}))
+    return out
 
 
 def serve(conn: Connection, checkpoint: str, base_model: str | None, device: str, dtype: str) -> None:
-    """The child's loop: load, warm up, say ready, then one task in, one blob out, until EOF."""
+    """The child's loop: load, warm up, say ready, then a batch of tasks in, their blobs out, until EOF."""
     try:
         generator = HyperGenerator.from_pretrained(checkpoint, base_model, device, dtype)
         generator.warm_up()
@@ -196,13 +207,14 @@ def serve(conn: Connection, checkpoint: str, base_model: str | None, device: str
         except EOFError:
             return
         try:
-            blob, stages = adapter_blob(generator, Task.from_dict(request["task"]), request["task_hash"])
-        except Exception as exc:  # noqa: BLE001 (one bad task must not end the child)
+            made = adapter_blobs(generator, [Task.from_dict(t) for t in request["tasks"]], request["task_hashes"])
+        except Exception as exc:  # noqa: BLE001 (one bad batch must not end the child)
             log.exception("generation failed in the generator process")
             conn.send_bytes(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
             continue
-        conn.send_bytes(json.dumps({"stages": stages}).encode())
-        conn.send_bytes(blob)
+        conn.send_bytes(json.dumps({"stages": [stages for _, stages in made]}).encode())
+        for blob, _ in made:
+            conn.send_bytes(blob)
 
 
 def main() -> None:

@@ -29,6 +29,10 @@ class Metrics:
             "hypergen_generation_stage_seconds", "One adapter generation by stage: encode, hypernetwork, tensors, serialise",
             ["stage"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.generation_batch_size = Histogram(
+            "hypergen_generation_batch_size", "Misses generated in one batched pass (server/miss_batches.py)",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )
         self.adapters_resident = Gauge(
             "hypergen_engine_adapters_resident", "Adapters loaded in the engine", registry=r
         )

@@ -205,6 +205,25 @@ def test_concurrent_identical_requests_run_the_hypernetwork_once(vllm_server, cl
     assert metric(client, "hypergen_hypernetwork_runs_total") == runs + 1
 
 
+def test_concurrent_distinct_misses_are_generated_in_batches_each_with_its_own_adapter(vllm_server, client):
+    tasks = [new_task(f"burst {i}") for i in range(12)]
+    batched = metric(client, "hypergen_generation_batch_size_sum")
+
+    def post(task):
+        with vllm_server.client() as c:
+            return c.post("/adapters", json=task)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(post, tasks))
+    assert all(r.status_code == 200 and r.json()["cached"] is False for r in responses)
+    assert len({r.json()["adapter_id"] for r in responses}) == 12
+    assert metric(client, "hypergen_generation_batch_size_sum") == batched + 12  # every miss went through a batch
+    with vllm_server.client() as c:  # each adapter is its own task's: asking again is a hit with the same id
+        again = [c.post("/adapters", json=task).json() for task in tasks[:3]]
+    assert [a["adapter_id"] for a in again] == [r.json()["adapter_id"] for r in responses[:3]]
+    assert all(a["cached"] for a in again)
+
+
 def test_two_replicas_share_adapters_through_redis(client, hf_replica):
     task = new_task("shared")
     created = client.post("/adapters", json=task).json()

@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from hypergen.adapter import Adapter
 from hypergen.base_model import load_tokenizer
 from hypergen.engines import Engine, EngineBusy, GenerationChunk
+from hypergen.errors import HypergenError
 from hypergen.settings import Settings
 from hypergen.task import Demo, Task
 from hypergen.train_state import has_state
@@ -222,9 +225,61 @@ class SlowGenerator:
     def __getattr__(self, name):  # noqa: ANN001, ANN204
         return getattr(self.inner, name)
 
-    def generate(self, task):  # noqa: ANN001, ANN201
+    def generate_many(self, tasks):  # noqa: ANN001, ANN201
         time.sleep(self.delay_s)
-        return self.inner.generate(task)
+        return self.inner.generate_many(tasks)
+
+
+class BatchRecordingGenerator(SlowGenerator):
+    """The real generator, slow on purpose, noting the size of every batch it is given; a task
+    whose instruction starts with "poison" makes any batch holding it fail."""
+
+    def __init__(self, inner, delay_s: float) -> None:  # noqa: ANN001
+        super().__init__(inner, delay_s)
+        self.batches: list[int] = []
+
+    def generate_many(self, tasks):  # noqa: ANN001, ANN201
+        self.batches.append(len(tasks))
+        if any(t.instruction.startswith("poison") for t in tasks):
+            raise HypergenError("this task cannot be generated", "instruction")
+        return super().generate_many(tasks)
+
+
+def test_misses_that_arrive_together_are_generated_in_one_batch_with_the_bytes_of_single_runs(generator, tmp_path):
+    tasks = [Task(f"Answer with word number {i} of the input.", (Demo("a b c", "a"),)) for i in range(6)]
+    recording = BatchRecordingGenerator(generator, 0.5)  # the first batch runs while the rest arrive
+
+    async def scenario():
+        adapters = service(recording, tmp_path / "adapters")
+        return adapters, await asyncio.gather(*(adapters.get_or_create(t) for t in tasks))
+
+    adapters, records = asyncio.run(scenario())
+    assert sum(recording.batches) == 6 and len(recording.batches) <= 2  # not six single passes
+    assert adapters.metrics.generation_batch_size._sum.get() == 6
+    assert [r.adapter_id for r in records] == [generator.task_hash(t) for t in tasks]  # each miss got its own adapter
+    for task, record in zip(tasks, records):
+        alone = generator.generate(task)
+        batched = Adapter.from_bytes(record.blob)
+        for key, tensor in alone.tensors.items():
+            torch.testing.assert_close(batched.tensors[key], tensor, rtol=1e-4, atol=1e-5)  # float rounding only
+
+
+def test_a_task_that_fails_in_a_batch_fails_alone(generator, tmp_path):
+    good = [Task(f"Answer with word number {i} of the input.", (Demo("a b c", "a"),)) for i in range(3)]
+    poison = Task("poison: this one fails in the hypernetwork")
+    recording = BatchRecordingGenerator(generator, 0.3)
+
+    async def scenario():
+        adapters = service(recording, tmp_path / "adapters")
+        first = asyncio.ensure_future(adapters.get_or_create(good[0]))
+        await asyncio.sleep(0.1)  # the first batch (good[0] alone) is running: the rest queue as one batch
+        rest = await asyncio.gather(*(adapters.get_or_create(t) for t in (good[1], poison, good[2])), return_exceptions=True)
+        return [await first, *rest]
+
+    first, second, failed, third = asyncio.run(scenario())
+    assert isinstance(failed, HypergenError) and failed.field == "instruction"
+    assert [r.adapter_id for r in (first, second, third)] == [generator.task_hash(t) for t in good]
+    assert recording.batches == [1, 3, 1, 1, 1]  # the failed batch, then its tasks one by one
 
 
 def test_a_run_longer_than_the_lock_ttl_is_not_started_twice_in_the_fleet(generator, tmp_path, redis_prefix):
@@ -257,9 +312,9 @@ class LockWatchingGenerator(SlowGenerator):
         super().__init__(inner, 0.0)
         self.redis_client, self.lock_key, self.lock_alive_at_run = redis_client, lock_key, []
 
-    def generate(self, task):  # noqa: ANN001, ANN201
+    def generate_many(self, tasks):  # noqa: ANN001, ANN201
         self.lock_alive_at_run.append(bool(self.redis_client.exists(self.lock_key)))
-        return self.inner.generate(task)
+        return self.inner.generate_many(tasks)
 
 
 def test_a_replica_that_dies_holding_the_lock_is_taken_over_once_its_lock_lapses(generator, tmp_path, redis_prefix, redis_client):
