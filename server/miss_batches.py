@@ -54,6 +54,8 @@ class MissBatcher:
             self.on_batch(len(batch))
             try:
                 made = await loop.run_in_executor(self.executor, self.run, [t for t, _, _ in batch], [h for _, h, _ in batch])
+                if len(made) != len(batch):  # never leave a waiter without an answer
+                    raise RuntimeError(f"{len(made)} adapters came back for a batch of {len(batch)}")
             except Exception as exc:  # noqa: BLE001 (settled task by task)
                 if len(batch) == 1:
                     _settle(batch[0][2], exc)
