@@ -279,8 +279,8 @@ class HyperNetwork(nn.Module):
         AVX2 CPU without native bf16 the network's pass took 8.8 ms in int8 against 14.5 ms in
         float32, and the adapter moved by at most 0.12% of the per-task correction's norm (default
         checkpoint, 20 benchmark tasks and 22 S-NI tasks; ``bench/generate_latency.py`` reports it
-        as ``vs_float32``). The trunk stays
-        float32 (int8 there saved under 1 ms more) and the shared LoRA is added in float32.
+        as ``vs_float32``). The trunk stays float32 (int8 there saved under 1 ms more) and the
+        shared LoRA is added in float32.
         """
         from torch.ao.quantization import quantize_dynamic
 

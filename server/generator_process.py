@@ -32,6 +32,7 @@ from multiprocessing.connection import Connection
 
 from hypergen.generator import HyperGenerator
 from hypergen.task import Task
+from server.miss_batches import Made
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,11 @@ class GeneratorProcess:
         self._ready = True
         return True
 
-    def generate(self, task: Task, task_hash: str) -> tuple[bytes, dict[str, float]]:
+    def generate(self, task: Task, task_hash: str) -> Made:
         """The adapter blob for ``task`` (carrying ``task_hash``) and its stage timings in ms."""
         return self.generate_many([task], [task_hash])[0]
 
-    def generate_many(self, tasks: list[Task], task_hashes: list[str]) -> list[tuple[bytes, dict[str, float]]]:
+    def generate_many(self, tasks: list[Task], task_hashes: list[str]) -> list[Made]:
         """Blobs and stage timings for a batch of tasks, in one batched pass in the child.
 
         Never waits for a child to start: while one loads (after a failure), this raises and the
@@ -175,7 +176,7 @@ class GeneratorProcess:
             self._stop()
 
 
-def adapter_blobs(generator: HyperGenerator, tasks: list[Task], task_hashes: list[str]) -> list[tuple[bytes, dict[str, float]]]:
+def adapter_blobs(generator: HyperGenerator, tasks: list[Task], task_hashes: list[str]) -> list[Made]:
     """Misses made into bytes in one batched pass, each with its stage timings in ms (its share of
     the batch's encoder, network and tensor time, and its own serialisation): in the child, and in
     the server when it generates itself. Each blob carries its ``task_hash`` (a tenant's own copy
