@@ -5,7 +5,7 @@
 Prints one JSON line. "cold" is the first task after loading; p50/p95 are over
 the following distinct tasks (3 demos each), one at a time, with the median of each
 stage (encoder, hypernetwork, tensors, serialisation); batch16 is generate_many on 16
-new tasks, per task (the median of 3 batches). With several dtypes, one generator per dtype
+new tasks and their blobs (``to_blobs``, as the server makes them), per task (the median of 3 batches). With several dtypes, one generator per dtype
 is loaded into this process and every task goes to each in turn (the order alternating), so
 their figures are side by side on the same tasks; "p50_over_first" compares them.
 """
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from hypergen.adapter import to_blobs
 from hypergen.generator import HyperGenerator
 from hypergen.settings import get_settings
 
@@ -77,8 +78,7 @@ def measure(gens: dict[str, HyperGenerator], n_tasks: int) -> dict[str, dict]:
         batch = [make_task(1000 + 16 * r + i) for i in range(16)]
         for name in (order if r % 2 == 0 else order[::-1]):
             start = time.perf_counter()
-            for adapter in gens[name].generate_many(batch):
-                adapter.to_bytes()
+            to_blobs(gens[name].generate_many(batch))  # as the server's generator process does
             batch16[name].append((time.perf_counter() - start) / 16)
     out = {}
     for name in order:

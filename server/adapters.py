@@ -32,7 +32,7 @@ from hypergen.selection import Selection
 from hypergen.task import TASK_HASH_PATTERN, Demo, Task
 from server.cache import CacheEntry, MemoryCache, RedisCache
 from server.errors import ApiError
-from server.generator_process import GeneratorProcess, GeneratorProcessError, adapter_blobs
+from server.generator_process import FailedInChild, GeneratorProcess, GeneratorProcessError, adapter_blobs
 from server.miss_batches import Made, MissBatcher
 from hypergen.engines import Engine, LoadedAdapter
 from server.metrics import Metrics
@@ -373,6 +373,8 @@ class AdapterService:
         if self.generator_process is not None:
             try:
                 return self.generator_process.generate_many(tasks, adapter_ids)
+            except FailedInChild as exc:  # the process is sound: tried once more here, not counted as its failure
+                log.warning("a batch of %d failed in the generator process (%s); generating it here", len(tasks), exc)
             except GeneratorProcessError:
                 self.metrics.generator_fallbacks.inc()
         return adapter_blobs(self.generator, tasks, adapter_ids)  # this thread is the generator's only caller in the server

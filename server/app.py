@@ -49,28 +49,35 @@ async def build_state(settings: Settings):
         HyperGenerator.from_pretrained, settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype
     )
     base_name = generator.base_model
-    process = None
-    if settings.generator_process and settings.device == "cpu":  # loads beside the engine's start; warm_up waits for it
-        process = GeneratorProcess(settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype)
-        process.start()
-    model_path = resolve_base_model(base_name)
-    tokenizer = load_tokenizer(base_name)
-    max_rank = max(settings.max_lora_rank or 0, generator.spec.rank)
-    engine = create_engine(settings, model_path, max_rank)
-    await engine.start()
-    metrics = Metrics()
-    redis = RedisCache(settings.redis_url, settings.redis_prefix, settings.redis_ttl_s) if settings.redis_url else None
-    if redis is not None and not await redis.ping():
-        log.warning("redis at %s is unreachable; starting degraded", settings.redis_url)
-    tenants = Tenants(settings, redis)
-    adapters = AdapterService(
-        generator, tokenizer, MemoryCache(settings.memory_cache_bytes), redis, default_adapter_dir(settings), engine, metrics,
-        settings.max_adapter_dirs, max_rank, tenants, generator_process=process, max_batch=settings.generation_max_batch,
-    )
-    await adapters.warm_up()
-    generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)
-    adapter_dir = adapters.adapter_dir
-    jobs = JobService(adapters, generation, redis, settings, private_dir(adapter_dir.with_name(adapter_dir.name + "-jobs")))
+    process = engine = None
+    try:
+        if settings.generator_process and settings.device == "cpu":  # loads beside the engine's start; warm_up waits for it
+            process = GeneratorProcess(settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype)
+            process.start()
+        model_path = resolve_base_model(base_name)
+        tokenizer = load_tokenizer(base_name)
+        max_rank = max(settings.max_lora_rank or 0, generator.spec.rank)
+        engine = create_engine(settings, model_path, max_rank)
+        await engine.start()
+        metrics = Metrics()
+        redis = RedisCache(settings.redis_url, settings.redis_prefix, settings.redis_ttl_s) if settings.redis_url else None
+        if redis is not None and not await redis.ping():
+            log.warning("redis at %s is unreachable; starting degraded", settings.redis_url)
+        tenants = Tenants(settings, redis)
+        adapters = AdapterService(
+            generator, tokenizer, MemoryCache(settings.memory_cache_bytes), redis, default_adapter_dir(settings), engine, metrics,
+            settings.max_adapter_dirs, max_rank, tenants, generator_process=process, max_batch=settings.generation_max_batch,
+        )
+        await adapters.warm_up()
+        generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)
+        adapter_dir = adapters.adapter_dir
+        jobs = JobService(adapters, generation, redis, settings, private_dir(adapter_dir.with_name(adapter_dir.name + "-jobs")))
+    except BaseException:  # a start that fails (engine, Redis, warm-up) leaves no child process or engine behind
+        if process is not None:
+            process.close()
+        if engine is not None:
+            await engine.shutdown()
+        raise
     return ServerState(settings, generator, engine, adapters, generation, jobs, tenants, redis, metrics, base_name, int(time.time()))
 
 

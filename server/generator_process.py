@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+from hypergen.adapter import to_blobs
 from hypergen.generator import HyperGenerator
 from hypergen.task import Task
 from server.miss_batches import Made
@@ -44,6 +45,10 @@ RETRY_S = 5.0  # after a failure, the least time before a new child is started
 
 class GeneratorProcessError(RuntimeError):
     """The child could not answer this call (not started, died, stuck, or failed on the task)."""
+
+
+class FailedInChild(GeneratorProcessError):
+    """The child is sound and answered, but this batch raised in it (the tasks, not the process)."""
 
 
 @dataclass(eq=False)
@@ -132,7 +137,7 @@ class GeneratorProcess:
                     raise self._failed(f"the generator process gave no answer in {CALL_TIMEOUT_S:.0f} s")
                 header = json.loads(self._conn.recv_bytes())
                 if "error" in header:  # the child is fine; this batch failed in it
-                    raise GeneratorProcessError(header["error"])
+                    raise FailedInChild(header["error"])
                 blobs = [self._conn.recv_bytes() for _ in tasks]
             except (EOFError, OSError) as exc:
                 raise self._failed(f"the generator process died ({exc or type(exc).__name__})") from None
@@ -184,13 +189,9 @@ def adapter_blobs(generator: HyperGenerator, tasks: list[Task], task_hashes: lis
     caller meanwhile."""
     adapters = generator.generate_many(tasks)
     share = {stage: ms / len(tasks) for stage, ms in generator.last_timings.items()}
-    out = []
     for adapter, task_hash in zip(adapters, task_hashes):
         adapter.task_hash = task_hash
-        start = time.perf_counter()
-        blob = adapter.to_bytes()
-        out.append((blob, {**share, "serialise_ms": (time.perf_counter() - start) * 1000}))
-    return out
+    return [(blob, {**share, "serialise_ms": ms}) for blob, ms in to_blobs(adapters)]
 
 
 def serve(conn: Connection, checkpoint: str, base_model: str | None, device: str, dtype: str) -> None:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hypergen.adapter import Adapter, peft_key
+from hypergen.adapter import Adapter, peft_key, to_blobs
 from hypergen.errors import CheckpointError, CorruptAdapterError, HypergenError
 from hypergen.generator import HyperGenerator, generation_dtype
 from hypergen.hypernet import FORMAT_VERSION, HyperNetConfig, int8_available
@@ -78,6 +78,14 @@ def test_bytes_round_trip_and_corruption_is_detected(generator):
         assert before in blob
         with pytest.raises(CorruptAdapterError):
             Adapter.from_bytes(blob.replace(before, after, 1))
+
+
+def test_blobs_of_a_batch_are_each_adapters_own_bytes_in_order(generator):
+    adapters = generator.generate_many([Task(f"Say {w}.", (Demo("x", w),)) for w in ("one", "two", "three", "four")])
+    made = to_blobs(adapters)
+    assert [blob for blob, _ in made] == [a.to_bytes() for a in adapters]
+    assert len({blob for blob, _ in made}) == 4 and all(ms > 0 for _, ms in made)
+    assert [Adapter.from_bytes(blob).task_hash for blob, _ in made] == [a.task_hash for a in adapters]
 
 
 def test_blob_is_a_safetensors_file_the_library_reads(generator):

@@ -13,7 +13,7 @@ from hypergen.adapter import Adapter
 from hypergen.generator import HyperGenerator
 from hypergen.task import Demo, Task
 from server import generator_process
-from server.generator_process import GeneratorProcess, GeneratorProcessError
+from server.generator_process import FailedInChild, GeneratorProcess, GeneratorProcessError
 
 TASKS = [
     Task("Answer with the antonym of the given word.", (Demo("hot", "cold"), Demo("up", "down"))),
@@ -60,6 +60,22 @@ def test_a_batch_in_the_process_gives_the_bytes_of_the_same_batch_in_the_server(
     assert all(set(stages) == {"encode_ms", "hypernetwork_ms", "tensors_ms", "serialise_ms"} for _, stages in made)
 
 
+class Unreadable:
+    """A task whose wire form the child refuses (no instruction and no demos): it fails in the child."""
+
+    def to_dict(self) -> dict:
+        return {"instruction": "", "demos": []}
+
+
+def test_a_batch_that_fails_in_the_child_is_not_the_childs_failure(process, checkpoint_dir):
+    pid, failures = process.pid, process.failures
+    with pytest.raises(FailedInChild, match="instruction"):
+        process.generate_many([TASKS[0], Unreadable()], ["0" * 64, "1" * 64])
+    assert process.pid == pid and process.failures == failures and process.ready  # the same child goes on
+    blob, _ = process.generate(TASKS[0], "0" * 64)
+    assert blob == in_process_blob(HyperGenerator.from_pretrained(checkpoint_dir, dtype="float32"), TASKS[0], "0" * 64)
+
+
 def test_a_killed_child_fails_one_call_and_a_new_one_takes_over(process, checkpoint_dir, monkeypatch):
     monkeypatch.setattr(generator_process, "RETRY_S", 0.0)
     first = process.pid
@@ -85,3 +101,28 @@ def test_a_child_that_cannot_load_reports_why_and_is_not_restarted_at_once(tmp_p
         broken.generate(TASKS[0], "0" * 64)
     assert broken.pid is None  # within RETRY_S of the failure: no new child yet
     broken.close()
+
+
+def test_a_server_start_that_fails_after_the_child_started_stops_the_child(checkpoint_dir, monkeypatch, tmp_path):
+    import asyncio
+
+    from hypergen import engines
+    from hypergen.settings import Settings
+    from server.app import build_state
+
+    started: list[GeneratorProcess] = []
+    real_start = GeneratorProcess.start
+
+    def start(self: GeneratorProcess) -> None:
+        real_start(self)
+        started.append(self)
+
+    def no_engine(*_args, **_kwargs):  # noqa: ANN002, ANN003
+        raise RuntimeError("the engine could not start")
+
+    monkeypatch.setattr(GeneratorProcess, "start", start)
+    monkeypatch.setattr(engines, "create_engine", no_engine)
+    settings = Settings(checkpoint=str(checkpoint_dir), engine="hf", redis_url=None, adapter_dir=str(tmp_path / "adapters"))
+    with pytest.raises(RuntimeError, match="engine could not start"):
+        asyncio.run(build_state(settings))
+    assert len(started) == 1 and started[0].pid is None  # stopped and waited for, not left to exit on its own

@@ -26,6 +26,7 @@ from server.cache import CacheEntry, MemoryCache
 from server.errors import ApiError
 from server.generation import GenerationService, Stream
 from server.metrics import Metrics
+from server.generator_process import FailedInChild, GeneratorProcessError
 from server.schemas import AdapterOut, GenerateManyOut, GenerateOut, GenerateRequest
 
 TASK = Task("Answer with the antonym of the given word.", (Demo("hot", "cold"), Demo("up", "down")))
@@ -243,6 +244,25 @@ class BatchRecordingGenerator(SlowGenerator):
         if any(t.instruction.startswith("poison") for t in tasks):
             raise HypergenError("this task cannot be generated", "instruction")
         return super().generate_many(tasks)
+
+
+class FailingProcess:
+    """A generator process (fake) whose every call fails with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def generate_many(self, tasks, task_hashes):  # noqa: ANN001, ANN201
+        raise self.error
+
+
+@pytest.mark.parametrize("error, counted", [(FailedInChild("TaskError: bad task"), 0), (GeneratorProcessError("died"), 1)])
+def test_misses_are_made_here_when_the_process_fails_and_only_its_own_failures_count(generator, tmp_path, error, counted):
+    adapters = service(generator, tmp_path / "adapters")
+    adapters.generator_process = FailingProcess(error)
+    record = asyncio.run(adapters.get_or_create(TASK))
+    assert record.adapter_id == generator.task_hash(TASK)  # made in this process instead
+    assert adapters.metrics.generator_fallbacks._value.get() == counted
 
 
 def test_misses_that_arrive_together_are_generated_in_one_batch_with_the_bytes_of_single_runs(generator, tmp_path):

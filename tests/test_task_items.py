@@ -1,7 +1,7 @@
 """What reaches the hypernetwork: every demo output, its case, the label space, the whole instruction."""
 import torch
 
-from hypergen.encoder import WINDOW, pack_rows
+from hypergen.encoder import WINDOW, pack_rows, packing
 from hypergen.task import Demo, Task
 from hypergen.task_items import FEATURES, KIND_DEMO, KIND_LABEL, encode_tasks, shape_features, task_items
 
@@ -70,6 +70,17 @@ def test_packing_rows_keeps_every_sequence_once_within_capacity():
     assert all(sum(lengths[i] for i in row) <= 512 for row in rows if len(row) > 1)
     assert [6] in rows  # longer than a row: alone
     assert len(rows) == 3
+
+
+def test_packing_chooses_narrower_rows_for_many_texts_and_one_row_for_a_few():
+    many = [40 + i % 30 for i in range(32)]  # a batch's demos: one 512-token row would attend across ~9 texts
+    rows, width = packing(many)
+    assert sorted(i for row in rows for i in row) == list(range(32))
+    assert all(sum(many[i] for i in row) <= width for row in rows)
+    assert width < 512 and len(rows) > 4
+    few = [20, 12, 15, 9]  # one task's texts: a single row
+    assert packing(few) == ([[0, 2, 1, 3]], 56)
+    assert packing([300, 10])[1] == 310  # never narrower than the longest text
 
 
 def test_packed_sequences_embed_as_they_do_alone(generator):
