@@ -148,7 +148,7 @@ class Adapter:
 def to_blobs(adapters: Sequence[Adapter]) -> list[tuple[bytes, float]]:
     """Each adapter's ``to_bytes()`` and the milliseconds it took, several at a time for a batch:
     joining and hashing a blob's tensor bytes release the GIL, so a batch of 16 serialises in
-    about 0.7x the time on two cores."""
+    0.7-0.8x the time on two cores."""
 
     def one(adapter: Adapter) -> tuple[bytes, float]:
         start = time.perf_counter()

@@ -165,7 +165,7 @@ def packing(lengths: list[int]) -> tuple[list[list[int]], int]:
     longest sequence), the one whose padded batch costs least, counting a row's attention, which
     grows with the square of its width, besides its linear layers. Packing every pass into 512-token
     rows computed attention across whole rows of short texts: real S-NI tasks in batches of 16
-    encoded 1.5x slower than with 128-token rows, while a single task's few texts fill one row best."""
+    encoded about 1.4x slower than with 128-token rows, while a single task's few texts fill one row best."""
     best: tuple[float, list[list[int]], int] | None = None
     for capacity in sorted({max(c, max(lengths)) for c in PACK_CAPACITIES}):
         rows = pack_rows(lengths, capacity)

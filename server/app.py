@@ -49,7 +49,7 @@ async def build_state(settings: Settings):
         HyperGenerator.from_pretrained, settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype
     )
     base_name = generator.base_model
-    process = engine = None
+    process = engine = redis = None
     try:
         if settings.generator_process and settings.device == "cpu":  # loads beside the engine's start; warm_up waits for it
             process = GeneratorProcess(settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype)
@@ -72,9 +72,11 @@ async def build_state(settings: Settings):
         generation = GenerationService(engine, tokenizer, adapters, settings, metrics, base_name)
         adapter_dir = adapters.adapter_dir
         jobs = JobService(adapters, generation, redis, settings, private_dir(adapter_dir.with_name(adapter_dir.name + "-jobs")))
-    except BaseException:  # a start that fails (engine, Redis, warm-up) leaves no child process or engine behind
+    except BaseException:  # a start that fails (engine, warm-up) leaves no child process, Redis client or engine behind
         if process is not None:
             process.close()
+        if redis is not None:
+            await redis.close()
         if engine is not None:
             await engine.shutdown()
         raise
