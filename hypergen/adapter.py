@@ -72,7 +72,7 @@ class Adapter:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # own copies: a generated adapter's tensors are views of one block per module, which safetensors refuses
-        owned = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in self.tensors.items()}
+        owned = {k: v.clone() for k, v in self._contiguous().items()}
         save_file(owned, str(directory / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
         (directory / PEFT_CONFIG_FILE).write_text(json.dumps(self.peft_config(), indent=2) + "\n")
         return directory
@@ -96,7 +96,7 @@ class Adapter:
         it covers, and the library's writer would copy the tensors three times (to numpy, into its
         blob, and again to splice the metadata in). Here the tensor bytes are joined once and hashed
         in one call, both of which release the GIL, so blobs of a batch serialise in parallel
-        (``blobs``). ``safetensors.torch.load`` reads the result (tests check it).
+        (``to_blobs``). ``safetensors.torch.load`` reads the result (tests check it).
         """
         tensors = self._contiguous()
         table: dict[str, Any] = {}
