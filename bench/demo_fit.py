@@ -20,7 +20,7 @@ import json
 import torch
 
 from hypergen.base_model import load_model, load_tokenizer
-from hypergen.batching import make_batch
+from hypergen.batching import make_batch, row_means, token_losses
 from hypergen.data import load_sni
 from hypergen.evaluate import demos_for
 from hypergen.generator import HyperGenerator
@@ -54,11 +54,8 @@ def main() -> None:
     def losses(weights, rows, row_task: list[int]) -> list[float]:
         batch = make_batch(rows, tokenizer.pad_token_id or 0)
         with lora_applied(model, gen.spec, weights, torch.tensor(row_task)):
-            hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        logits = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[batch.target_pos]).float()
-        ce = torch.nn.functional.cross_entropy(logits, batch.target_ids, reduction="none")
-        row = batch.target_pos // batch.input_ids.shape[1]
-        return [float(ce[row == r].mean()) for r in range(len(rows))]
+            per_row = row_means(token_losses(model, batch), batch.target_rows, len(rows))
+        return per_row.tolist()
 
     found = {}
     for task in load_sni(args.sni, args.split):

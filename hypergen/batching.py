@@ -17,6 +17,11 @@ class LMBatch:
     target_pos: torch.Tensor  # [N] flat positions (b * S + s) whose next token is a target
     target_ids: torch.Tensor  # [N]
 
+    @property
+    def target_rows(self) -> torch.Tensor:
+        """[N] the batch row each target token belongs to."""
+        return self.target_pos // self.input_ids.shape[1]
+
 
 def make_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, max_prompt: int = 512, max_target: int = 48) -> LMBatch:
     """rows = (prompt_ids, target_ids), loss on the targets.
@@ -42,12 +47,24 @@ def make_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, max_prompt:
     return LMBatch(ids, mask, torch.tensor(pos), torch.tensor(tgt))
 
 
-def lm_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
-    """Mean cross-entropy over target tokens; the LM head runs on target positions only."""
+def token_losses(model: nn.Module, batch: LMBatch) -> torch.Tensor:
+    """[N] cross-entropy of each target token; the LM head runs on target positions only."""
     hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1])[batch.target_pos]
     logits = model.get_output_embeddings()(picked).float()
-    return nn.functional.cross_entropy(logits, batch.target_ids)
+    return nn.functional.cross_entropy(logits, batch.target_ids, reduction="none")
+
+
+def lm_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
+    """Mean cross-entropy over target tokens."""
+    return token_losses(model, batch).mean()
+
+
+def row_means(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[n_rows] mean of per-token ``values`` within each row (rows with no targets give 0)."""
+    sums = torch.zeros(n_rows, dtype=values.dtype).index_add(0, rows, values)
+    counts = torch.zeros(n_rows, dtype=values.dtype).index_add(0, rows, torch.ones_like(values))
+    return sums / counts.clamp(min=1)
 
 
 def length_buckets(items: Sequence[T], length: Callable[[T], int], n: int) -> list[list[T]]:

@@ -22,6 +22,13 @@ generated delta-W), which keeps generated weights well-scaled;
 ``anchor_weight`` optionally adds a KL term keeping the adapted model close to the
 base model on general prompts. Both are logged per step.
 
+The contrastive term (``contrastive_weight``): a task's rows should fit its own adapter
+better than another task's. A plain LM loss cannot ask this: each task's loss depends on
+its own adapter only, so whichever tasks share a step, a correction gets the same gradient.
+Each row also runs, in the same forward, under the adapter of the next task in the step;
+a hinge asks that, per task, the mean token loss under the other adapter exceed the own one
+by ``contrastive_margin`` nats. It doubles the rows a step runs.
+
 State (hypernetwork, optimizer, step) is saved every ``checkpoint_every`` steps in
 safetensors + JSON under ``run_dir/state``; re-running the same command resumes exactly.
 Alongside, ``run_dir/weights`` holds the network alone in bf16 in the checkpoint format
@@ -52,7 +59,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from hypergen.base_model import compute_dtype, load_model, load_tokenizer
-from hypergen.batching import LMBatch, length_buckets, lm_loss, make_batch
+from hypergen.batching import LMBatch, length_buckets, make_batch, row_means, token_losses
 from hypergen.adapter import PEFT_CONFIG_FILE, Adapter
 from hypergen.data import TaskData, load_jsonl_tasks, load_sni
 from hypergen.generator import HyperGenerator
@@ -134,6 +141,10 @@ class TrainConfig(BaseModel):
     grad_clip: float = 1.0
     reg_weight: float = 1e-3
     anchor_weight: float = 0.0
+    contrastive_weight: float = Field(
+        default=0.0, ge=0.0,
+        description="weight of the contrastive term: each task's rows must fit its own adapter better than the next task's in the step")
+    contrastive_margin: float = Field(default=0.1, ge=0.0, description="by this many nats a target token, averaged over the task's rows")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         default="auto", description="base model's compute dtype; auto: bf16 where the hardware has it, else float32")
     checkpoint_every: int = 25
@@ -313,13 +324,27 @@ class Trainer:
         weights = self._weights(descriptions)
         reg = self._reg(weights)
         t_hyper = time.perf_counter()
-        batch: LMBatch = make_batch(rows, self.tokenizer.pad_token_id or 0, self.config.max_prompt_tokens, self.config.max_target_tokens)
-        with lora_applied(self.model, self.spec, weights, torch.tensor(row_task)):
-            lm = lm_loss(self.model, batch)
+        n_tasks = len(descriptions)
+        contrast = self.config.contrastive_weight > 0 and n_tasks > 1
+        # with the contrastive term, each row also runs under the next task's adapter, in the same forward
+        other_task = [(t + 1) % n_tasks for t in row_task] if contrast else []
+        batch: LMBatch = make_batch(rows + rows if contrast else rows, self.tokenizer.pad_token_id or 0,
+                                    self.config.max_prompt_tokens, self.config.max_target_tokens)
+        with lora_applied(self.model, self.spec, weights, torch.tensor(row_task + other_task)):
+            tokens = token_losses(self.model, batch)
+        own = batch.target_rows < len(rows)
+        lm = tokens[own].mean()
         loss = lm + self.config.reg_weight * reg
         logs = {"lm_loss": lm.item(), "reg": reg.item(), "correction_norm": reg.sqrt().item(),
-                "rows": len(rows), "tokens": int(batch.attention_mask.sum()), "padded_tokens": batch.attention_mask.numel(),
+                "rows": len(rows), "tokens": int(batch.attention_mask[: len(rows)].sum()),
+                "padded_tokens": batch.attention_mask[: len(rows)].numel(),
                 "t_hyper": round(t_hyper - start, 3), "t_forward": round(time.perf_counter() - t_hyper, 3)}
+        if contrast:
+            per_row = row_means(tokens, batch.target_rows, 2 * len(rows))
+            gap = row_means(per_row[len(rows):] - per_row[: len(rows)], torch.tensor(row_task), n_tasks)
+            hinge = torch.relu(self.config.contrastive_margin - gap).mean()
+            loss = loss + self.config.contrastive_weight * hinge
+            logs |= {"contrastive": hinge.item(), "contrast_gap": gap.mean().item()}
         if self.config.anchor_weight:
             anchor = self._anchor(weights, len(descriptions), rng)
             loss = loss + self.config.anchor_weight * anchor
@@ -435,6 +460,7 @@ class Trainer:
             "lr": self.config.lr,
             "reg_weight": self.config.reg_weight,
             "anchor_weight": self.config.anchor_weight,
+            "contrastive_weight": self.config.contrastive_weight,
             "dtype": compute_dtype(self.config.dtype),
         }
         return self.net.save(self.run_dir / "checkpoint", dtype=torch.bfloat16)

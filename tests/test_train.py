@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hypergen.adapter import TRAINING_FILE
-from hypergen.batching import make_batch
+from hypergen.batching import make_batch, row_means
 from hypergen.train import TrainConfig, Trainer, delta_sq_distance, delta_sq_norm
 
 from hypergen.data import load_sni
@@ -37,6 +37,28 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
     assert not torch.equal(head_before, trainer.net.b_heads["q_proj"].weight)
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in base_before.items())  # base frozen
     assert logs["correction_norm"] > 0
+
+
+def test_the_contrastive_term_asks_own_adapters_to_fit_better(tiny_config):
+    contrastive = Trainer(tiny_config.model_copy(update={"contrastive_weight": 1.0, "contrastive_margin": 0.5}))
+    plain = Trainer(tiny_config)
+    sample = plain.sample_mtf(random.Random(0))
+    plain_loss, plain_logs = plain.supervised_loss(*sample, random.Random(0))
+    loss, logs = contrastive.supervised_loss(*sample, random.Random(0))
+    assert logs["lm_loss"] == pytest.approx(plain_logs["lm_loss"], rel=1e-4)  # the own rows' loss is unchanged
+    assert logs["contrastive"] > 0 and abs(logs["contrast_gap"]) < 0.5  # an untrained correction barely differs per task
+    assert loss.item() == pytest.approx(plain_loss.item() + logs["contrastive"], rel=1e-4)
+    grads = []
+    for trainer, value in ((plain, plain_loss), (contrastive, loss)):
+        trainer.optimizer.zero_grad()
+        value.backward()
+        grads.append(trainer.net.b_heads["q_proj"].weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_row_means_average_each_rows_tokens():
+    values = torch.tensor([1.0, 3.0, 5.0, 2.0])
+    assert row_means(values, torch.tensor([0, 0, 2, 2]), 3).tolist() == [2.0, 0.0, 3.5]
 
 
 def test_resume_takes_the_same_next_step(tiny_config):
