@@ -369,12 +369,16 @@ class AdapterService:
     def _generated_blobs(self, tasks: list[Task], adapter_ids: list[str]) -> list[Made]:
         """A batch of misses' blobs and stage timings (ms), on the hypernetwork thread: from the
         generator process when there is one, else, or when it fails, here (a failed child costs
-        speed, never the request)."""
+        speed, never the request). A batch that fails inside a sound child goes back to the
+        batcher, which tries its tasks one by one: each is then made in the child or, failing
+        there alone, once more here, and no batch runs twice."""
         if self.generator_process is not None:
             try:
                 return self.generator_process.generate_many(tasks, adapter_ids)
-            except FailedInChild as exc:  # the process is sound: tried once more here, not counted as its failure
-                log.warning("a batch of %d failed in the generator process (%s); generating it here", len(tasks), exc)
+            except FailedInChild as exc:  # the process is sound, so not counted as its failure
+                if len(tasks) > 1:
+                    raise  # the batcher retries these one by one in the child; only a lone task is retried here
+                log.warning("a task failed in the generator process (%s); generating it here", exc)
             except GeneratorProcessError:
                 self.metrics.generator_fallbacks.inc()
         return adapter_blobs(self.generator, tasks, adapter_ids)  # this thread is the generator's only caller in the server

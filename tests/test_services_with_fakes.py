@@ -265,6 +265,22 @@ def test_misses_are_made_here_when_the_process_fails_and_only_its_own_failures_c
     assert adapters.metrics.generator_fallbacks._value.get() == counted
 
 
+def test_a_batch_that_fails_in_a_sound_process_is_retried_one_by_one_not_as_a_batch_here(generator, tmp_path):
+    tasks = [Task(f"Answer with word number {i} of the input.", (Demo("a b c", "a"),)) for i in range(3)]
+    recording = BatchRecordingGenerator(generator, 0.3)
+
+    async def scenario():
+        adapters = service(recording, tmp_path / "adapters")
+        adapters.generator_process = FailingProcess(FailedInChild("TaskError: bad task"))
+        first = asyncio.ensure_future(adapters.get_or_create(tasks[0]))
+        await asyncio.sleep(0.1)  # the first miss runs alone: the other two queue as one batch
+        return [await first, *await asyncio.gather(*(adapters.get_or_create(t) for t in tasks[1:]))]
+
+    records = asyncio.run(scenario())
+    assert [r.adapter_id for r in records] == [generator.task_hash(t) for t in tasks]
+    assert recording.batches == [1, 1, 1]  # each task made here once, alone; the failed batch of 2 not rerun here
+
+
 def test_misses_that_arrive_together_are_generated_in_one_batch_with_the_bytes_of_single_runs(generator, tmp_path):
     tasks = [Task(f"Answer with word number {i} of the input.", (Demo("a b c", "a"),)) for i in range(6)]
     recording = BatchRecordingGenerator(generator, 0.5)  # the first batch runs while the rest arrive
