@@ -1,13 +1,14 @@
 """Latency of task -> adapter bytes (encode + hypernetwork + serialisation), default spec.
 
-    .venv/bin/python bench/generate_latency.py [--checkpoint DIR] [--tasks 50] [--dtype float32,int8]
+    .venv/bin/python bench/generate_latency.py [--checkpoint DIR[,DIR]] [--tasks 50] [--dtype float32,int8]
 
 Prints one JSON line. "cold" is the first task after loading; p50/p95 are over
 the following distinct tasks (3 demos each), one at a time, with the median of each
 stage (encoder, hypernetwork, tensors, serialisation); batch16 is generate_many on 16
-new tasks and their blobs (``to_blobs``, as the server makes them), per task (the median of 3 batches). With several dtypes, one generator per dtype
-is loaded into this process and every task goes to each in turn (the order alternating), so
-their figures are side by side on the same tasks; "p50_over_first" compares them.
+new tasks and their blobs (``to_blobs``, as the server makes them), per task (the median of 3 batches). With several
+checkpoints or dtypes, one generator per (checkpoint, dtype) is loaded into this process and
+every task goes to each in turn (the order alternating), so their figures are side by side on
+the same tasks ("variants"); "p50_over_first" compares them.
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def measure(gens: dict[str, HyperGenerator], n_tasks: int) -> dict[str, dict]:
     for name in order:
         ts = sorted(times[name])
         gen = gens[name]
+        encoder_dtype = gen.info()["encoder_dtype"]
         out[name] = {
             "p50_ms": ms(statistics.median(ts)),
             "p95_ms": ms(ts[int(0.95 * (len(ts) - 1))]),
@@ -91,7 +93,9 @@ def measure(gens: dict[str, HyperGenerator], n_tasks: int) -> dict[str, dict]:
             "p50_stages_ms": {stage: round(statistics.median(v), 2) for stage, v in stages[name].items()},
             "cold_ms": ms(cold[name]),
             "dtype": gen.compute_dtype,
-            "vs_float32": against_float32(gen, [make_task(i) for i in range(20)]) if gen.compute_dtype != "float32" else None,
+            "encoder_dtype": encoder_dtype,
+            "vs_float32": against_float32(gen, [make_task(i) for i in range(20)])
+            if {gen.compute_dtype, encoder_dtype} != {"float32"} else None,
         }
     return out
 
@@ -107,15 +111,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtypes = args.dtype.split(",")
-    gens = {d: HyperGenerator.from_pretrained(args.checkpoint, device=args.device, dtype=d) for d in dtypes}
+    checkpoints, dtypes = args.checkpoint.split(","), args.dtype.split(",")
+    gens = {}
+    for c in checkpoints:
+        for d in dtypes:  # named by what varies: "bfloat16", "/tmp/old", or "/tmp/old@int8"
+            name = "@".join(([c] if len(checkpoints) > 1 else []) + ([d] if len(dtypes) > 1 else [])) or d
+            gens[name] = HyperGenerator.from_pretrained(c, device=args.device, dtype=d)
     results = measure(gens, args.tasks)
-    common = {"tasks": args.tasks, "threads": torch.get_num_threads(), "checkpoint": gens[dtypes[0]].checkpoint, "device": args.device}
-    if len(dtypes) == 1:
-        print(json.dumps({**results[dtypes[0]], **common}))
+    common = {"tasks": args.tasks, "threads": torch.get_num_threads(), "device": args.device}
+    first = next(iter(gens))
+    if len(gens) == 1:
+        print(json.dumps({**results[first], "checkpoint": gens[first].checkpoint, **common}))
         return
-    first = results[dtypes[0]]["p50_ms"]
-    print(json.dumps({"by_dtype": results, "p50_over_first": {d: round(r["p50_ms"] / first, 3) for d, r in results.items()}, **common}))
+    ratios = {name: round(r["p50_ms"] / results[first]["p50_ms"], 3) for name, r in results.items()}
+    print(json.dumps({"variants": results, "p50_over_first": ratios, **common}))
 
 
 if __name__ == "__main__":

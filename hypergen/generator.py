@@ -36,7 +36,8 @@ def packaged_checkpoint() -> Path:
 
 def generation_dtype(requested: str = "auto", device: str = "cpu") -> str:
     """What the encoder and hypernetwork compute in: ``float32``, ``bfloat16`` or ``int8`` (the
-    network's heads in int8, the rest float32; ``HyperNetwork.quantize_heads``).
+    network's heads in int8, the rest float32; ``HyperNetwork.quantize_heads``). A network that
+    ``needs_float32`` (a centred one) keeps float32 whatever this says; the encoder follows it.
 
     ``auto``: bfloat16 where the hardware computes it natively (as for the base model); else,
     on a CPU with int8 kernels, int8; else float32. Raises HypergenError for int8 off the CPU.
@@ -238,6 +239,7 @@ class HyperGenerator:
             "lora_spec": self.spec.to_dict(),
             "hypernetwork_params": n_params,
             "hypernetwork_dtype": self.compute_dtype,
+            "encoder_dtype": str(next(self.encoder.model.parameters()).dtype).removeprefix("torch."),
             "adapter_params": self.spec.num_adapter_params(),
             "encoder_params": sum(p.numel() for p in self.encoder.model.parameters()),
         }

@@ -36,8 +36,14 @@ README card), the network learns K LoRA directions per module (``basis_a`` [K, L
 sum_k w_k * direction_k. A task can only choose a mixture of directions every task shares
 (as in Polytropon / MHR's skill inventories), so what it learns must be common to many tasks.
 
-Serving precision (``compute_in``, ``quantize_heads``): the heads hold 70% of the weights and
-most of a task's arithmetic; on CPUs without native bf16 they can run in int8.
+The default checkpoint uses the basis correction (centred, K = 8): it tied entry-by-entry heads
+on held-out task categories, and a task's pass is far less arithmetic (8 weights per layer and
+module instead of every entry: README card and Benchmarks). Being centred, it serves in float32
+(``needs_float32``).
+
+Serving precision (``compute_in``, ``quantize_heads``): entry heads hold 70% of an entry-head
+network's weights and most of a task's arithmetic; on CPUs without native bf16 they can run in
+int8. Basis heads are tiny, so int8 changes little there.
 """
 from __future__ import annotations
 
@@ -216,11 +222,11 @@ class HyperNetwork(nn.Module):
         Basis directions are drawn at a trained LoRA's size (A as PEFT draws it, B with std
         0.01): with zero heads they add nothing, and the heads' first steps get a gradient.
         """
-        for m in self.spec.target_modules:
-            heads = (self.w_heads[m],) if self.config.correction_basis else (self.a_heads[m], self.b_heads[m])
-            for head in heads:
+        for heads in self.output_heads():
+            for head in heads.values():
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
+        for m in self.spec.target_modules:
             if self.config.correction_basis:
                 bound = 1.0 / math.sqrt(self.spec.a_shape(m)[1])
                 nn.init.uniform_(self.basis_a[m], -bound, bound)
@@ -255,38 +261,61 @@ class HyperNetwork(nn.Module):
     def task_vectors(self, items: torch.Tensor, kinds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.pool(items.to(self.pool.proj.weight.dtype), kinds, mask)
 
-    def compute_in(self, dtype: torch.dtype) -> "HyperNetwork":
-        """Runs the trunk and heads in ``dtype`` (serving); the shared LoRA stays float32.
+    @property
+    def needs_float32(self) -> bool:
+        """Whether rounding below float32 would swamp the per-task correction.
 
-        Why: emitting an adapter is a few large matmuls against the heads (8 M weights for the
-        default spec); in bf16, on hardware that computes it natively, they take about half as
-        long. The shared LoRA is added in float32 (bf16 + float32 promotes), so only the
-        per-task correction carries bf16 rounding (``bench/generate_latency.py`` reports how much:
-        at most 0.24% of the correction's norm for the default checkpoint).
+        A centred network subtracts the mean task's output from each task's: two nearly equal
+        numbers, so their rounding error lands whole on a small difference. Measured on the
+        default (centred, basis) checkpoint over 20 tasks: with the network in bf16 its adapters
+        moved by up to 92% of their correction, with bf16 trunk and float32 heads 11%, with the
+        network in float32 (encoder in bf16) 0.2%.
         """
+        return self.config.centered
+
+    def compute_in(self, dtype: torch.dtype) -> "HyperNetwork":
+        """Runs the trunk and heads in ``dtype`` (serving); the shared LoRA stays float32, and a
+        network that ``needs_float32`` stays float32 whole.
+
+        Why: emitting an adapter from entry heads is a few large matmuls against them (8 M
+        weights for the default spec); in bf16, on hardware that computes it natively, they take
+        about half as long. The shared LoRA is added in float32 (bf16 + float32 promotes), so only
+        the per-task correction carries bf16 rounding (``bench/generate_latency.py`` reports how
+        much: at most 0.24% of the correction's norm for the entry-head checkpoint).
+        """
+        if self.needs_float32:
+            return self
         shared = {id(p) for p in (*self.shared_a.values(), *self.shared_b.values())}
         for param in self.parameters():
             if id(param) not in shared:
                 param.data = param.data.to(dtype)
         return self
 
+    def output_heads(self) -> list[nn.ModuleDict]:
+        """The layers that turn the trunk's state into a task's correction, one per module each:
+        the mixing-weight heads with a basis, else the A and B entry heads."""
+        return [self.w_heads] if self.config.correction_basis else [self.a_heads, self.b_heads]
+
     def quantize_heads(self) -> "HyperNetwork":
         """Swaps the output heads for int8 copies (weights int8 per tensor, activations quantised
-        per call); serving on a CPU only, never for training.
+        per call); serving on a CPU only, never for training. A no-op where ``needs_float32``.
 
-        Why: emitting one task's adapter reads every head weight (7.9 M of the default's 11.2 M)
-        for 30 rows per module, so the matmuls are bound by memory as much as by arithmetic; on an
-        AVX2 CPU without native bf16 the network's pass took 8.8 ms in int8 against 14.5 ms in
-        float32, and the adapter moved by at most 0.12% of the per-task correction's norm (default
-        checkpoint, 20 benchmark tasks and 22 S-NI tasks; ``bench/generate_latency.py`` reports it
-        as ``vs_float32``). The trunk stays float32 (int8 there saved under 1 ms more) and the
+        Why: with entry heads, emitting one task's adapter reads every head weight (7.9 M of the
+        11.2 M of the entry-head checkpoint shipped before the basis one) for 30 rows per
+        module, so the matmuls are bound by memory as much as by arithmetic; on an AVX2 CPU
+        without native bf16 the network's pass took 8.8 ms in int8 against 14.5 ms in float32,
+        and the adapter moved by at most 0.12% of the per-task correction's norm (that checkpoint,
+        20 benchmark tasks and 22 S-NI tasks; ``bench/generate_latency.py`` reports it as
+        ``vs_float32``). The trunk stays float32 (int8 there saved under 1 ms more) and the
         shared LoRA is added in float32.
         """
+        if self.needs_float32:
+            return self.eval()
         from torch.ao.quantization import quantize_dynamic
 
         with warnings.catch_warnings():  # torch marks its eager quantisation API deprecated, yet ships it (2.13)
             warnings.simplefilter("ignore")
-            for heads in (self.a_heads, self.b_heads, *((self.w_heads,) if self.config.correction_basis else ())):
+            for heads in self.output_heads():
                 quantize_dynamic(heads, {nn.Linear}, dtype=torch.qint8, inplace=True)
         self.int8_heads = True
         return self.eval()
@@ -313,13 +342,17 @@ class HyperNetwork(nn.Module):
             if self.training and torch.is_grad_enabled():  # a training step, not a generate() mid-training
                 self._track_mean(task)
             task = torch.cat([task, self.task_mean.to(task.dtype).unsqueeze(0)])  # last row: the reference
-        rows = task.shape[0]
+        rows, modules = task.shape[0], self.spec.target_modules
         layers = self.layer_emb.weight.unsqueeze(0).expand(rows, -1, -1)  # [T, L, d]
         task_l = task.unsqueeze(1).expand(-1, n_layers, -1)
+        # One trunk pass for every module's rows (the trunk's weights are read once, not once per module).
+        inputs = torch.cat([
+            torch.cat([task_l, layers, self.module_emb.weight[j].expand(rows, n_layers, -1)], dim=-1)
+            for j in range(len(modules))
+        ])  # [M * T, L, 3d]
+        hiddens = self.out_norm(self.blocks(self.mix(inputs))).split(rows)
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for j, m in enumerate(self.spec.target_modules):
-            module = self.module_emb.weight[j].expand(rows, n_layers, -1)
-            hidden = self.out_norm(self.blocks(self.mix(torch.cat([task_l, layers, module], dim=-1))))
+        for m, hidden in zip(modules, hiddens):
             da, db = self._correction(m, hidden)
             if self.config.centered:
                 da, db = da[:-1] - da[-1:], db[:-1] - db[-1:]

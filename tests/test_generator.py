@@ -125,11 +125,13 @@ def test_bf16_generation_keeps_the_shared_lora_exact_and_the_adapter_close(gener
 
 
 @pytest.mark.skipif(not int8_available(), reason="this torch has no x86 int8 kernels")
-def test_int8_generation_quantizes_only_the_heads_and_keeps_the_adapter_close(smollm_dir):
-    exact = HyperGenerator.from_pretrained("default")  # the shipped, trained checkpoint
-    fast = HyperGenerator.from_pretrained("default", dtype="int8")
+def test_int8_generation_quantizes_only_the_heads_and_keeps_the_adapter_close(generator, tmp_path):
+    generator.network.save(tmp_path / "ckpt", dtype=torch.float32)  # entry heads, not centred
+    exact = HyperGenerator.from_pretrained(tmp_path / "ckpt")
+    fast = HyperGenerator.from_pretrained(tmp_path / "ckpt", dtype="int8")
     assert fast.compute_dtype == "int8" and fast.info()["hypernetwork_dtype"] == "int8"
-    assert all(type(head) is not torch.nn.Linear for head in fast.network.a_heads.values())  # swapped for int8 ones
+    heads = [head for group in fast.network.output_heads() for head in group.values()]
+    assert heads and all(type(head) is not torch.nn.Linear for head in heads)  # swapped for int8 ones
     assert type(fast.network.mix) is torch.nn.Linear and fast.network.mix.weight.dtype == torch.float32  # trunk as is
     assert next(fast.encoder.model.parameters()).dtype == torch.float32
     assert fast.fingerprint == exact.fingerprint and fast.task_hash(TASK) == exact.task_hash(TASK)
@@ -138,8 +140,23 @@ def test_int8_generation_quantizes_only_the_heads_and_keeps_the_adapter_close(sm
     assert fast.generate(TASK).to_bytes() == b.to_bytes()  # deterministic: one task, one blob
     correction = sum(float((a.tensors[k] - shared[k]).norm()) ** 2 for k in a.tensors) ** 0.5
     error = sum(float((b.tensors[k] - a.tensors[k]).norm()) ** 2 for k in a.tensors) ** 0.5
-    assert 0 < error <= 0.01 * correction  # rounded, not exact, and far below what the task changes (0.1% measured)
+    assert 0 < error <= 0.05 * correction  # rounded, not exact, far below what the task changes (random heads: 2.1%; the trained entry-head checkpoint: 0.12%)
     assert all(torch.equal(fast.shared_adapter().tensors[k], shared[k]) for k in shared)  # shared LoRA untouched
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", *(["int8"] if int8_available() else [])])
+def test_a_centred_network_keeps_float32_whatever_the_generation_dtype(smollm_dir, dtype):
+    exact = HyperGenerator.from_pretrained("default")  # the shipped checkpoint: centred, basis heads
+    fast = HyperGenerator.from_pretrained("default", dtype=dtype)
+    assert exact.network.needs_float32 and fast.info()["hypernetwork_dtype"] == "float32"
+    assert all(p.dtype == torch.float32 for p in fast.network.parameters())
+    assert all(type(head) is torch.nn.Linear for group in fast.network.output_heads() for head in group.values())
+    assert fast.info()["encoder_dtype"] == ("bfloat16" if dtype == "bfloat16" else "float32")  # the encoder may round
+    shared = exact.shared_adapter().tensors
+    a, b = exact.generate(TASK), fast.generate(TASK)
+    correction = sum(float((a.tensors[k] - shared[k]).norm()) ** 2 for k in a.tensors) ** 0.5
+    error = sum(float((b.tensors[k] - a.tensors[k]).norm()) ** 2 for k in a.tensors) ** 0.5
+    assert correction > 0 and error <= 0.02 * correction  # in bf16 throughout it was 92% (needs_float32)
 
 
 @pytest.mark.parametrize("native_bf16, int8, device, expected", [
