@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from hypergen.adapter import to_blobs
+from hypergen.adapter import tensor_distance, to_blobs
 from hypergen.generator import HyperGenerator
 from hypergen.settings import get_settings
 
@@ -45,8 +45,7 @@ def against_float32(gen: HyperGenerator, tasks: list) -> dict[str, float]:
     worst, lowest = 0.0, 1.0
     for task in tasks:
         a, b = exact.generate(task), gen.generate(task)
-        diff = sum(float((a.tensors[k] - b.tensors[k]).norm()) ** 2 for k in a.tensors) ** 0.5
-        correction = sum(float((a.tensors[k] - shared[k]).norm()) ** 2 for k in a.tensors) ** 0.5
+        diff, correction = tensor_distance(a.tensors, b.tensors), tensor_distance(a.tensors, shared)
         worst = max(worst, diff / max(correction, 1e-12))
     texts = [exact.encoder.single(t.instruction) for t in tasks] + [exact.encoder.pair(d.input, d.output) for t in tasks for d in t.demos]
     lowest = float((exact.encoder.embed_ids(texts) * gen.encoder.embed_ids(texts)).sum(-1).min())
@@ -85,7 +84,6 @@ def measure(gens: dict[str, HyperGenerator], n_tasks: int) -> dict[str, dict]:
     for name in order:
         ts = sorted(times[name])
         gen = gens[name]
-        encoder_dtype = gen.info()["encoder_dtype"]
         out[name] = {
             "p50_ms": ms(statistics.median(ts)),
             "p95_ms": ms(ts[int(0.95 * (len(ts) - 1))]),
@@ -93,9 +91,9 @@ def measure(gens: dict[str, HyperGenerator], n_tasks: int) -> dict[str, dict]:
             "p50_stages_ms": {stage: round(statistics.median(v), 2) for stage, v in stages[name].items()},
             "cold_ms": ms(cold[name]),
             "dtype": gen.compute_dtype,
-            "encoder_dtype": encoder_dtype,
+            "encoder_dtype": gen.encoder_dtype,
             "vs_float32": against_float32(gen, [make_task(i) for i in range(20)])
-            if {gen.compute_dtype, encoder_dtype} != {"float32"} else None,
+            if {gen.compute_dtype, gen.encoder_dtype} != {"float32"} else None,
         }
     return out
 

@@ -145,6 +145,12 @@ class Adapter:
         return {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
 
 
+def tensor_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Frobenius distance between two adapters' tensors, over ``a``'s keys: one number for how far
+    a rounded adapter is from the exact one, or a task's adapter from the shared LoRA."""
+    return sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5
+
+
 def to_blobs(adapters: Sequence[Adapter]) -> list[tuple[bytes, float]]:
     """Each adapter's ``to_bytes()`` and the milliseconds it took, several at a time for a batch:
     joining and hashing a blob's tensor bytes release the GIL, so a batch of 16 serialises in

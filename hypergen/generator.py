@@ -142,6 +142,11 @@ class HyperGenerator:
         return self.network.compute_precision
 
     @property
+    def encoder_dtype(self) -> str:
+        """What the task encoder computes in (``generation_dtype``; a centred network's may differ)."""
+        return str(next(self.encoder.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
     def trained(self) -> bool:
         return bool(self.network.config.training)
 
@@ -239,7 +244,7 @@ class HyperGenerator:
             "lora_spec": self.spec.to_dict(),
             "hypernetwork_params": n_params,
             "hypernetwork_dtype": self.compute_dtype,
-            "encoder_dtype": str(next(self.encoder.model.parameters()).dtype).removeprefix("torch."),
+            "encoder_dtype": self.encoder_dtype,
             "adapter_params": self.spec.num_adapter_params(),
             "encoder_params": sum(p.numel() for p in self.encoder.model.parameters()),
         }
