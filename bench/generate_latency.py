@@ -1,18 +1,21 @@
 """Latency of task -> adapter bytes (encode + hypernetwork + serialisation), default spec.
 
     .venv/bin/python bench/generate_latency.py [--checkpoint DIR[,DIR]] [--tasks 50] [--dtype float32,int8]
+                                               [--adapter-dtype float32,bfloat16]
 
 Prints one JSON line. "cold" is the first task after loading; p50/p95 are over
 the following distinct tasks (3 demos each), one at a time, with the median of each
 stage (encoder, hypernetwork, tensors, serialisation); batch16 is generate_many on 16
 new tasks and their blobs (``to_blobs``, as the server makes them), per task (the median of 3 batches). With several
-checkpoints or dtypes, one generator per (checkpoint, dtype) is loaded into this process and
+checkpoints, dtypes or adapter dtypes (what the blob's tensors are stored in: by default what the
+server would store, ``HYPERGEN_ADAPTER_DTYPE``), one generator per combination is loaded into this process and
 every task goes to each in turn (the order alternating), so their figures are side by side on
 the same tasks ("variants"); "p50_over_first" compares them.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -21,6 +24,7 @@ import time
 import torch
 
 from hypergen.adapter import tensor_distance, to_blobs
+from hypergen.engines import adapter_dtype
 from hypergen.generator import HyperGenerator
 from hypergen.settings import get_settings
 
@@ -39,7 +43,8 @@ def ms(seconds: float) -> float:
 def against_float32(gen: HyperGenerator, tasks: list) -> dict[str, float]:
     """How far this generator's adapters and embeddings are from float32 ones for the same tasks:
     the largest |adapter - float32 adapter| relative to the float32 adapter's per-task correction
-    (adapter minus the shared LoRA), and the lowest cosine between the two encoders' embeddings."""
+    (adapter minus the shared LoRA), and the lowest cosine between the two encoders' embeddings.
+    Adapters stored in bf16 count their storage rounding too (which a bf16 engine applies anyway)."""
     exact = HyperGenerator.from_pretrained(gen.checkpoint, device=gen.device, dtype="float32")
     shared = exact.shared_adapter().tensors
     worst, lowest = 0.0, 1.0
@@ -92,6 +97,7 @@ def measure(gens: dict[str, HyperGenerator], n_tasks: int) -> dict[str, dict]:
             "cold_ms": ms(cold[name]),
             "dtype": gen.compute_dtype,
             "encoder_dtype": gen.encoder_dtype,
+            "adapter_dtype": gen.adapter_dtype,
             "vs_float32": against_float32(gen, [make_task(i) for i in range(20)])
             if {gen.compute_dtype, gen.encoder_dtype} != {"float32"} else None,
         }
@@ -104,17 +110,18 @@ def main() -> None:
     parser.add_argument("--device", default=get_settings().device, help="the hypernetwork's device (HYPERGEN_DEVICE)")
     parser.add_argument("--dtype", default=get_settings().generator_dtype,
                         help="what the encoder and hypernetwork compute in (HYPERGEN_GENERATOR_DTYPE); several, comma-separated, side by side")
+    parser.add_argument("--adapter-dtype", default=adapter_dtype(get_settings()),
+                        help="what the adapters are stored in (HYPERGEN_ADAPTER_DTYPE, resolved as the server does); several, comma-separated")
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    checkpoints, dtypes = args.checkpoint.split(","), args.dtype.split(",")
+    axes = [args.checkpoint.split(","), args.dtype.split(","), args.adapter_dtype.split(",")]
     gens = {}
-    for c in checkpoints:
-        for d in dtypes:  # named by what varies: "bfloat16", "/tmp/old", or "/tmp/old@int8"
-            name = "@".join(([c] if len(checkpoints) > 1 else []) + ([d] if len(dtypes) > 1 else [])) or d
-            gens[name] = HyperGenerator.from_pretrained(c, device=args.device, dtype=d)
+    for c, d, a in itertools.product(*axes):  # named by what varies: "bfloat16", "/tmp/old", or "/tmp/old@int8"
+        name = "@".join(value for value, axis in zip((c, d, a), axes) if len(axis) > 1) or d
+        gens[name] = HyperGenerator.from_pretrained(c, device=args.device, dtype=d, adapter_dtype=a)
     results = measure(gens, args.tasks)
     common = {"tasks": args.tasks, "threads": torch.get_num_threads(), "device": args.device}
     first = next(iter(gens))

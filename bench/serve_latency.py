@@ -8,7 +8,8 @@ from the Server-Timing header; client-side times include HTTP on loopback; the m
 serialisation, on the server's hypernetwork thread) is the mean from its /metrics, with its stages
 (encode, hypernetwork, tensors, serialise). ``--ab generator-process`` instead compares misses with the
 generator process (the default) and without it, ``--ab generator-dtype`` int8 heads against float32 generation,
-``--ab miss-batching`` misses batched (the default) against one at a time: two servers side by side, ``--rounds``
+``--ab miss-batching`` misses batched (the default) against one at a time, ``--ab adapter-dtype`` adapters
+stored in bf16 (the default for vLLM in bf16) against float32: two servers side by side, ``--rounds``
 rounds of 10 new tasks each, sent one after another, or ``--burst N`` at once (then also the time until the
 last of them is answered). Every task is new, in its words too
 (`tasks.synthetic_task`), so a miss encodes all its texts. Prints one JSON line.
@@ -98,6 +99,7 @@ AB = {  # comparison -> {variant: the server's HYPERGEN_* settings}; the first v
     "generator-process": {"process": {"HYPERGEN_GENERATOR_PROCESS": "true"}, "server": {"HYPERGEN_GENERATOR_PROCESS": "false"}},
     "generator-dtype": {"int8": {"HYPERGEN_GENERATOR_DTYPE": "int8"}, "float32": {"HYPERGEN_GENERATOR_DTYPE": "float32"}},
     "miss-batching": {"batched": {"HYPERGEN_GENERATION_MAX_BATCH": "16"}, "single": {"HYPERGEN_GENERATION_MAX_BATCH": "1"}},
+    "adapter-dtype": {"bfloat16": {"HYPERGEN_ADAPTER_DTYPE": "bfloat16"}, "float32": {"HYPERGEN_ADAPTER_DTYPE": "float32"}},
 }
 
 

@@ -54,7 +54,7 @@ class TaskEncoder:
     steps) lifts the bound, so each distinct sequence is embedded once.
     """
 
-    def __init__(self, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, layers: int = 0) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_encoder(name)
@@ -62,12 +62,24 @@ class TaskEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.model_max_length = 1 << 30  # we cut to WINDOW ourselves; silence the length warning
         self.model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        if layers:
+            self._keep_layers(layers)
         self.device = device
         self.dim = int(self.model.config.hidden_size)
         self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self._cache_size: int | None = CACHE_SIZE
         self._sep = self.pieces(PAIR_SEPARATOR)
         self._ellipsis = self.pieces(ELLIPSIS)
+
+    def _keep_layers(self, n: int) -> None:
+        """Runs only the first ``n`` transformer layers (mean-pooled as before): the encoder's
+        time is its matmuls, so half the layers is about half of it. A checkpoint trained on
+        such embeddings says so (``encoder_layers``) and is always served with the same."""
+        stack = self.model.encoder.layer
+        if not 0 < n <= len(stack):
+            raise HypergenError(f"the encoder {self.name!r} has {len(stack)} layers; cannot keep {n}", "encoder_layers")
+        self.model.encoder.layer = stack[:n]
+        self.model.config.num_hidden_layers = n
 
     def enable_cache(self) -> None:
         """Keep every embedding computed from now on (training: texts recur every few steps)."""

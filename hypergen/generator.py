@@ -62,6 +62,7 @@ class HyperGenerator:
         base_model: str,
         checkpoint: str,
         device: str = "cpu",
+        adapter_dtype: str = "float32",
     ) -> None:
         self.network = network.to(device).eval()
         self.encoder = encoder
@@ -69,6 +70,7 @@ class HyperGenerator:
         self.base_model = base_model
         self.checkpoint = checkpoint
         self.device = device
+        self.adapter_dtype = adapter_dtype  # what adapters' tensors are stored in (the server: ``engines.adapter_dtype``)
         self._selector: PoolSelector | None = None
         self.last_timings: dict[str, float] = {}  # ms per stage of the last generate_many (benchmarks, profiling)
 
@@ -79,12 +81,15 @@ class HyperGenerator:
         base_model: str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        adapter_dtype: str = "float32",
     ) -> "HyperGenerator":
         """Loads a checkpoint folder, or 'default' for the packaged one, and checks it fits the base.
 
         ``dtype`` is what the encoder and the network compute in (``generation_dtype``): float32
         by default, so library calls and evaluations are exact; the server and CLI pass
-        ``HYPERGEN_GENERATOR_DTYPE``.
+        ``HYPERGEN_GENERATOR_DTYPE``. ``adapter_dtype`` is what the adapters' tensors are stored in
+        (float32, or bfloat16 for an engine that rounds them to bf16 anyway: the server's
+        ``HYPERGEN_ADAPTER_DTYPE``); they are computed in float32 and rounded once at the end.
 
         With 'default' and no trained checkpoint in the package (a source tree
         before training), an untrained network for the base model is built
@@ -105,13 +110,13 @@ class HyperGenerator:
             network.quantize_heads()
         base = base_model or network.config.base_model
         network.config.check_base(load_dims(base))
-        encoder = TaskEncoder(network.config.encoder, device=device, dtype=torch_dtype)
+        encoder = TaskEncoder(network.config.encoder, device=device, dtype=torch_dtype, layers=network.config.encoder_layers)
         if encoder.dim != network.config.encoder_dim:
             raise CheckpointError(
                 f"encoder {network.config.encoder!r} gives {encoder.dim}-d vectors; the checkpoint expects {network.config.encoder_dim}",
                 "encoder",
             )
-        return cls(network, encoder, fingerprint, base, str(path), device)
+        return cls(network, encoder, fingerprint, base, str(path), device, adapter_dtype)
 
     @classmethod
     def untrained(
@@ -125,7 +130,7 @@ class HyperGenerator:
     ) -> "HyperGenerator":
         """A freshly initialised network for a base model: the starting point of training."""
         spec = LoraSpec(dims=load_dims(base_model), **(spec_overrides or {}))
-        enc = TaskEncoder(encoder, device=device)
+        enc = TaskEncoder(encoder, device=device, layers=sizes.get("encoder_layers", 0))
         config = HyperNetConfig.for_spec(spec, base_model, encoder, enc.dim, **sizes)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -216,9 +221,9 @@ class HyperGenerator:
         tensors: dict[str, torch.Tensor] = {}
         for module, pair in weights.items():
             for which, stacked in zip("AB", pair):
-                # one float32 copy of the task's [L, ...] block, split into per-layer views: a copy per
-                # layer cost 4x as much (0.63 against 0.15 ms per adapter, in batches of 16)
-                for layer, tensor in enumerate(stacked[t].to("cpu", torch.float32, copy=True).unbind(0)):
+                # one copy of the task's [L, ...] block in the stored dtype, split into per-layer views: a
+                # copy per layer cost 4x as much (0.63 against 0.15 ms per adapter, in batches of 16)
+                for layer, tensor in enumerate(stacked[t].to("cpu", self._stored, copy=True).unbind(0)):
                     tensors[peft_key(layer, module, which)] = tensor
         return Adapter(
             tensors=tensors,
@@ -230,6 +235,10 @@ class HyperGenerator:
             meta={"hypernetwork": self.fingerprint, **meta},
         )
 
+    @property
+    def _stored(self) -> torch.dtype:
+        return getattr(torch, self.adapter_dtype)
+
     def info(self) -> dict[str, Any]:
         """What `hypergen info` prints and the server reports."""
         n_params = sum(p.numel() for p in self.network.parameters())
@@ -237,6 +246,7 @@ class HyperGenerator:
             "base_model": self.base_model,
             "base_dims": self.network.config.base_dims,
             "encoder": self.network.config.encoder,
+            "encoder_layers": self.network.config.encoder_layers,  # 0: all of them
             "checkpoint": self.checkpoint,
             "hypernetwork_fingerprint": self.fingerprint,
             "trained": self.trained,
@@ -245,6 +255,7 @@ class HyperGenerator:
             "hypernetwork_params": n_params,
             "hypernetwork_dtype": self.compute_dtype,
             "encoder_dtype": self.encoder_dtype,
+            "adapter_dtype": self.adapter_dtype,
             "adapter_params": self.spec.num_adapter_params(),
             "encoder_params": sum(p.numel() for p in self.encoder.model.parameters()),
         }

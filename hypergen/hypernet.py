@@ -80,6 +80,7 @@ class HyperNetConfig:
     alpha: float
     encoder: str
     encoder_dim: int
+    encoder_layers: int = 0  # the encoder's first N transformer layers (encoder.py); 0: all of them
     d_model: int = 256
     d_hidden: int = 512
     n_blocks: int = 2
@@ -213,6 +214,7 @@ class HyperNetwork(nn.Module):
             self.register_buffer("task_mean", torch.zeros(d))
             self.register_buffer("task_mean_count", torch.zeros(()))
         self.int8_heads = False
+        self._reference: tuple[tuple, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None  # _frozen_reference
         self.reset_heads()
 
     @torch.no_grad()
@@ -337,27 +339,52 @@ class HyperNetwork(nn.Module):
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Returns {module: (A [T, L, r, in], B [T, L, out, r])} for T tasks and all L layers."""
         task = self.task_vectors(items, kinds, mask)  # [T, d]
-        n_tasks, n_layers = task.shape[0], self.spec.num_layers
+        reference = None
         if self.config.centered:
-            if self.training and torch.is_grad_enabled():  # a training step, not a generate() mid-training
-                self._track_mean(task)
-            task = torch.cat([task, self.task_mean.to(task.dtype).unsqueeze(0)])  # last row: the reference
-        rows, modules = task.shape[0], self.spec.target_modules
+            if torch.is_grad_enabled():  # training: gradients flow through the reference's pass too
+                if self.training:
+                    self._track_mean(task)
+                task = torch.cat([task, self.task_mean.to(task.dtype).unsqueeze(0)])  # last row: the reference
+            else:
+                reference = self._frozen_reference(task.dtype)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for m, (da, db) in self._corrections(task).items():
+            if self.config.centered:
+                if reference is None:
+                    (da, ref_a), (db, ref_b) = da.split([len(da) - 1, 1]), db.split([len(db) - 1, 1])
+                else:
+                    ref_a, ref_b = reference[m]
+                da, db = da - ref_a, db - ref_b
+            out[m] = (self.shared_a[m] + da, self.shared_b[m] + db)
+        return out
+
+    def _corrections(self, task: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each module's uncentred correction for task vectors [T, d], from one trunk pass for every
+        module's rows (the trunk's weights are read once, not once per module)."""
+        rows, modules, n_layers = task.shape[0], self.spec.target_modules, self.spec.num_layers
         layers = self.layer_emb.weight.unsqueeze(0).expand(rows, -1, -1)  # [T, L, d]
         task_l = task.unsqueeze(1).expand(-1, n_layers, -1)
-        # One trunk pass for every module's rows (the trunk's weights are read once, not once per module).
         inputs = torch.cat([
             torch.cat([task_l, layers, self.module_emb.weight[j].expand(rows, n_layers, -1)], dim=-1)
             for j in range(len(modules))
         ])  # [M * T, L, 3d]
         hiddens = self.out_norm(self.blocks(self.mix(inputs))).split(rows)
-        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for m, hidden in zip(modules, hiddens):
-            da, db = self._correction(m, hidden)
-            if self.config.centered:
-                da, db = da[:-1] - da[-1:], db[:-1] - db[-1:]
-            out[m] = (self.shared_a[m] + da, self.shared_b[m] + db)
-        return out
+        return {m: self._correction(m, hidden) for m, hidden in zip(modules, hiddens)}
+
+    def _frozen_reference(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The mean task's correction, which a centred network subtracts from every task's, computed
+        once while the weights stay as they are (their storage and version counters are the key).
+
+        Why: it is the same for every task, yet it went through the trunk with each batch: for one
+        task, half the trunk's rows (2.3 of 4.3 ms of the trunk for the default checkpoint).
+        """
+        try:
+            key = (dtype, *((t.data_ptr(), t._version, t.dtype) for t in (*self.parameters(), *self.buffers())))
+        except RuntimeError:  # weights made under inference_mode keep no version: nothing to key on
+            return self._corrections(self.task_mean.to(dtype).unsqueeze(0))
+        if self._reference is None or self._reference[0] != key:
+            self._reference = (key, self._corrections(self.task_mean.to(dtype).unsqueeze(0)))
+        return self._reference[1]
 
     def _correction(self, m: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The heads' A and B corrections for module ``m`` from hidden [T, L, h]: [T, L, r, in], [T, L, out, r]."""
@@ -436,6 +463,8 @@ def _config_digest(config: HyperNetConfig) -> bytes:
 
     data = config.to_dict()
     data.pop("training", None)  # provenance only; does not change what the network computes
+    if not data.get("encoder_layers"):  # the whole encoder: as before the setting existed, so fingerprints stay
+        data.pop("encoder_layers", None)
     return hashlib.sha256(canonical_json(data).encode()).digest()
 
 

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
         "the shared LoRA stays float32): auto = bfloat16 where the hardware computes it natively, else int8 on a CPU "
         "with torch's x86 int8 kernels (the hypernetwork's output heads in int8, the rest float32), else float32. "
         "Adapters differ from float32 ones by rounding only.")
+    adapter_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="What the server stores adapter tensors in (blobs, caches, PEFT folders, downloads): "
+        "auto = bfloat16 for a vLLM engine in bf16 (it rounds every adapter to bf16 when it loads it, so nothing is lost "
+        "and every copy is half the bytes), else float32. The adapter id does not change.")
 
     # --- server ------------------------------------------------------------
     generator_process: bool = Field(

@@ -96,6 +96,7 @@ class TrainConfig(BaseModel):
     run_dir: str = "runs/hypernet"
     base_model: str = DEFAULT_BASE_MODEL
     encoder: str = DEFAULT_ENCODER
+    encoder_layers: int = Field(default=0, ge=0, description="the encoder's first N transformer layers only (faster; encoder.py); 0: all")
     target_modules: list[str] = list(DEFAULT_TARGET_MODULES)
     rank: int = DEFAULT_RANK
     alpha: float = DEFAULT_ALPHA
@@ -210,7 +211,8 @@ class Trainer:
             self.generator = HyperGenerator.from_pretrained(config.init_checkpoint, base_model=config.base_model)
         else:
             spec = {"target_modules": tuple(config.target_modules), "rank": config.rank, "alpha": config.alpha}
-            sizes = {k: getattr(config, k) for k in ("d_model", "d_hidden", "n_blocks", "a_scale", "b_scale", "correction_basis", "basis_scale") if getattr(config, k) is not None}
+            sizes = {k: getattr(config, k) for k in ("d_model", "d_hidden", "n_blocks", "a_scale", "b_scale", "correction_basis", "basis_scale",
+                                                     "encoder_layers") if getattr(config, k) is not None}
             self.generator = HyperGenerator.untrained(
                 config.base_model, spec, config.encoder, seed=config.seed,
                 demo_encoding=config.demo_encoding, centered=config.centered, **sizes,

@@ -35,7 +35,7 @@ async def build_state(settings: Settings):
 
     from hypergen.base_model import load_tokenizer, resolve_base_model
     from hypergen.generator import HyperGenerator
-    from hypergen.engines import create_engine
+    from hypergen.engines import adapter_dtype, create_engine
     from server.adapters import AdapterService, private_dir
     from server.cache import MemoryCache, RedisCache
     from server.generator_process import GeneratorProcess
@@ -45,14 +45,15 @@ async def build_state(settings: Settings):
     from server.state import ServerState
     from server.tenants import Tenants
 
+    stored = adapter_dtype(settings)
     generator = await asyncio.to_thread(
-        HyperGenerator.from_pretrained, settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype
+        HyperGenerator.from_pretrained, settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype, stored
     )
     base_name = generator.base_model
     process = engine = redis = None
     try:
         if settings.generator_process and settings.device == "cpu":  # loads beside the engine's start; warm_up waits for it
-            process = GeneratorProcess(settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype)
+            process = GeneratorProcess(settings.checkpoint, settings.base_model, settings.device, settings.generator_dtype, stored)
             process.start()
         model_path = resolve_base_model(base_name)
         tokenizer = load_tokenizer(base_name)

@@ -95,6 +95,32 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch, cud
     assert compute_dtype("float32") == "float32" and compute_dtype("bfloat16") == "bfloat16"  # explicit wins
 
 
+def test_vllm_in_bf16_loads_a_bf16_adapter_exactly_as_the_float32_one(generator, tmp_path):
+    """Why bf16 blobs lose nothing on a bf16 vLLM engine: its loader rounds every adapter to the
+    engine's LoRA dtype (the model's), so both folders become the same tensors."""
+    pytest.importorskip("vllm")
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    exact = generator.generate(TASKS[0])
+    generator.adapter_dtype = "bfloat16"
+    try:
+        stored = generator.generate(TASKS[0])
+    finally:
+        generator.adapter_dtype = "float32"
+    loaded = []
+    for adapter in (exact, stored):
+        folder = str(adapter.save_peft(tmp_path / str(adapter.tensors[next(iter(adapter.tensors))].dtype)))
+        loaded.append(LoRAModel.from_local_checkpoint(
+            folder, {"q_proj", "v_proj"}, PEFTHelper.from_local_dir(folder, None), lora_model_id=1, device="cpu",
+            dtype=torch.bfloat16,
+        ).loras)
+    assert loaded[0].keys() == loaded[1].keys() and len(loaded[0]) == 60
+    for name, lora in loaded[0].items():
+        assert lora.lora_a.dtype == torch.bfloat16
+        assert torch.equal(lora.lora_a, loaded[1][name].lora_a) and torch.equal(lora.lora_b, loaded[1][name].lora_b)
+
+
 def test_engine_rank_is_one_every_supported_vllm_accepts():
     from hypergen.engines.vllm import engine_rank
 

@@ -1,3 +1,5 @@
+import dataclasses
+import hashlib
 import math
 
 import pytest
@@ -176,6 +178,43 @@ def test_auto_generation_dtype_follows_the_hardware(monkeypatch, native_bf16, in
         assert err.value.field == "generator_dtype"
 
 
+def test_adapters_stored_in_bf16_are_the_float32_ones_rounded_once_in_half_the_bytes(generator):
+    """HYPERGEN_ADAPTER_DTYPE=bfloat16 (a vLLM engine in bf16): computed as before, rounded once when
+    the tensors are made, as the engine's own loader would round a float32 adapter."""
+    exact = generator.generate(TASK)
+    generator.adapter_dtype = "bfloat16"
+    try:
+        stored = generator.generate(TASK)
+    finally:
+        generator.adapter_dtype = "float32"
+    assert stored.task_hash == exact.task_hash and stored.tensors.keys() == exact.tensors.keys()
+    for key, tensor in exact.tensors.items():
+        assert stored.tensors[key].dtype == torch.bfloat16
+        assert torch.equal(stored.tensors[key], tensor.to(torch.bfloat16))
+    blob = stored.to_bytes()
+    assert len(blob) < 0.55 * len(exact.to_bytes())
+    assert Adapter.from_bytes(blob).tensors[peft_key(0, "q_proj", "A")].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("engine, dtype, cuda, requested, expected", [
+    ("vllm", "auto", False, "auto", "bfloat16"),   # this host's vLLM: it rounds adapters to bf16 itself
+    ("vllm", "float32", False, "auto", "float32"),
+    ("hf", "auto", False, "auto", "float32"),      # PEFT upcasts adapters and computes LoRA in float32
+    ("vllm", "auto", True, "auto", "float32"),     # a GPU takes the model's own dtype, maybe float16
+    ("vllm", "bfloat16", True, "auto", "bfloat16"),
+    ("hf", "auto", False, "bfloat16", "bfloat16"),  # explicit wins
+    ("vllm", "auto", False, "float32", "float32"),
+])
+def test_the_stored_adapter_dtype_follows_what_the_engine_keeps(monkeypatch, engine, dtype, cuda, requested, expected):
+    import hypergen.base_model as base_model
+    from hypergen.engines import adapter_dtype
+    from hypergen.settings import Settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(base_model, "compute_dtype", lambda d: "bfloat16" if d == "auto" else d)  # a host with native bf16
+    assert adapter_dtype(Settings(engine=engine, dtype=dtype, adapter_dtype=requested)) == expected
+
+
 def test_save_peft_loads_in_peft_with_identical_tensors(generator, smollm_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -258,3 +297,30 @@ def test_warm_up_runs_every_stage_and_changes_no_adapter(generator, monkeypatch)
     generator.warm_up()
     assert len(calls) == 3 and len({shape[1] for shape in calls}) == 3  # 0, 3 and 8 demos: three item counts
     assert generator.generate(TASK).to_bytes() == before
+
+
+def test_a_checkpoint_trained_on_fewer_encoder_layers_is_served_with_as_many(smollm_dir, tmp_path):
+    """encoder_layers: the network records how many of the encoder's layers it was trained on,
+    and loading it cuts the encoder the same way; the whole encoder keeps the old fingerprint."""
+    from hypergen.encoder import TaskEncoder
+    from hypergen.hypernet import HyperNetwork, _config_digest
+    from hypergen.task import canonical_json
+
+    gen = HyperGenerator.untrained("smollm2-135m-instruct", encoder_layers=3)
+    assert len(gen.encoder.model.encoder.layer) == 3 and gen.info()["encoder_layers"] == 3
+    whole = TaskEncoder(gen.network.config.encoder)
+    assert len(whole.model.encoder.layer) == 6
+    texts = ["Answer with the antonym.", "hot -> cold"]
+    assert float((gen.encoder.embed(texts) * whole.embed(texts)).sum(-1).min()) < 0.999  # other vectors
+    gen.network.save(tmp_path)
+    loaded = HyperGenerator.from_pretrained(str(tmp_path))
+    assert len(loaded.encoder.model.encoder.layer) == 3
+    assert torch.allclose(loaded.encoder.embed(texts), gen.encoder.embed(texts), atol=1e-5)
+    config = dataclasses.replace(gen.network.config, encoder_layers=0)
+    older = {k: v for k, v in config.to_dict().items() if k not in ("training", "encoder_layers")}  # as saved before the key
+    assert _config_digest(config) == hashlib.sha256(canonical_json(older).encode()).digest()
+    assert _config_digest(config) != _config_digest(gen.network.config)
+    with pytest.raises(HypergenError) as err:
+        TaskEncoder(gen.network.config.encoder, layers=7)
+    assert err.value.field == "encoder_layers"
+    assert isinstance(loaded.network, HyperNetwork)

@@ -263,10 +263,10 @@ def test_a_delete_on_one_replica_holds_on_every_replica(client, hf_replica):
 def test_corrupt_redis_entry_is_dropped_and_regenerated(client, hf_replica, redis_client, redis_prefix):
     task = new_task("corrupt")
     adapter_id = client.post("/adapters", json=task).json()["adapter_id"]
-    key = f"{redis_prefix}adapter:{adapter_id}"
-    blob = bytearray(redis_client.hget(key, "blob"))
+    key = f"{redis_prefix}blob:{adapter_id}"
+    blob = bytearray(redis_client.get(key))
     blob[-50] ^= 0xFF
-    redis_client.hset(key, "blob", bytes(blob))
+    redis_client.set(key, bytes(blob), keepttl=True)
     with hf_replica.client() as other:  # its memory tier has never seen this task
         runs = metric(other, "hypergen_hypernetwork_runs_total")
         again = other.post("/adapters", json=task).json()
@@ -275,7 +275,7 @@ def test_corrupt_redis_entry_is_dropped_and_regenerated(client, hf_replica, redi
         assert metric(other, "hypergen_cache_corrupt_total", '{tier="redis"}') >= 1
     from hypergen.adapter import verify_blob
 
-    verify_blob(redis_client.hget(key, "blob"))  # the regenerated entry replaced the damaged one
+    verify_blob(redis_client.get(key))  # the regenerated entry replaced the damaged one
 
 
 def test_an_entry_without_the_instruction_reads_as_a_miss(client, hf_replica, redis_client, redis_prefix):
@@ -283,14 +283,14 @@ def test_an_entry_without_the_instruction_reads_as_a_miss(client, hf_replica, re
     task = new_task("outdated")
     adapter_id = client.post("/adapters", json=task).json()["adapter_id"]
     key = f"{redis_prefix}adapter:{adapter_id}"
-    meta = json.loads(redis_client.hget(key, "meta"))
+    meta = json.loads(redis_client.get(key))
     del meta["instruction"]
-    redis_client.hset(key, "meta", json.dumps(meta))
+    redis_client.set(key, json.dumps(meta), keepttl=True)
     with hf_replica.client() as other:  # its memory tier has never seen this task
         assert other.get(f"/adapters/{adapter_id}").status_code == 404
         again = other.post("/adapters", json=task).json()
         assert again["cached"] is False and again["instruction"] == task["instruction"]
-    assert json.loads(redis_client.hget(key, "meta"))["instruction"] == task["instruction"]
+    assert json.loads(redis_client.get(key))["instruction"] == task["instruction"]
 
 
 def test_streaming_clients_that_leave_early_give_their_slots_back(vllm_server, client):

@@ -411,3 +411,28 @@ def test_a_delete_refused_while_redis_restarts_still_holds_once_it_is_back(gener
     refused, gone = asyncio.run(scenario())
     assert (refused.status, refused.code) == (503, "fleet_unreachable")
     assert (gone.status, gone.code) == (404, "adapter_not_found")
+
+
+def test_an_entry_in_the_older_hash_layout_is_a_miss_and_is_overwritten(generator, tmp_path, redis_prefix, redis_client):
+    """Redis entries were one hash (blob, meta) before they became two strings: a replica of this
+    version reads such an entry as a miss, generates, and the strings replace the hash."""
+    from server.cache import RedisCache
+
+    prefix = f"{redis_prefix}layout-{os.getpid()}-{time.time_ns()}:"
+    adapter_id = generator.task_hash(TASK)
+    old = generator.generate(TASK).to_bytes()
+    redis_client.hset(f"{prefix}adapter:{adapter_id}", mapping={"blob": old, "meta": "{}"})
+
+    async def scenario():
+        replica = service(generator, tmp_path / "one")
+        replica.redis = RedisCache("redis://127.0.0.1:6379/0", prefix, 60)
+        made = await replica.get_or_create(TASK)
+        found = await replica.redis.get(adapter_id)
+        await replica.redis.close()
+        return replica, made, found
+
+    replica, made, found = asyncio.run(scenario())
+    assert made.tier is None and replica.metrics.hypernetwork_runs._value.get() == 1  # generated, not served
+    assert redis_client.type(f"{prefix}adapter:{adapter_id}") == b"string"
+    assert found is not None and found.blob == made.blob and found.meta["adapter_id"] == adapter_id
+    assert 0 < redis_client.ttl(f"{prefix}blob:{adapter_id}") <= 60

@@ -447,3 +447,36 @@ def test_refine_cli_writes_a_peft_folder(tiny_llama_dir, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"input": "a"}\n')
     with pytest.raises(SystemExit, match="bad.jsonl:1"):
         main(["refine", "--adapter", str(start), "--examples", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "x")])
+
+
+def test_a_centred_networks_mean_task_pass_is_kept_until_its_weights_change(tiny_config):
+    """Serving computes the mean task's correction once (no gradients) instead of in every batch;
+    it must equal the in-batch one, and an in-place change to any weight must be seen."""
+    from hypergen.task import Task
+    from hypergen.task_items import encode_tasks
+
+    trainer = Trainer(tiny_config.model_copy(update={"centered": True, "correction_basis": 2}))
+    net = trainer.net.eval()
+    with torch.no_grad():
+        for p in net.parameters():  # heads that are not zero, so the reference is not trivially zero
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = encode_tasks(trainer.generator.encoder, [Task("Repeat the word."), Task("Answer with the antonym.")], "pairs")
+
+    def both() -> tuple[dict, dict]:
+        with torch.no_grad():
+            kept = net(batch.items, batch.kinds, batch.mask)
+        with torch.enable_grad():  # the training path: the reference rides in the batch
+            in_batch = net(batch.items, batch.kinds, batch.mask)
+        return kept, in_batch
+
+    kept, in_batch = both()
+    assert net._reference is not None
+    for m in kept:
+        assert torch.allclose(kept[m][0], in_batch[m][0], atol=1e-6) and torch.allclose(kept[m][1], in_batch[m][1], atol=1e-6)
+    before = {m: kept[m][0].clone() for m in kept}
+    with torch.no_grad():
+        net.mix.weight.mul_(1.5)  # in place: same storage, new version
+    kept, in_batch = both()
+    for m in kept:
+        assert torch.allclose(kept[m][0], in_batch[m][0], atol=1e-6)
+    assert any(not torch.allclose(kept[m][0], before[m], atol=1e-4) for m in kept)

@@ -11,7 +11,7 @@ from hypergen.settings import Settings
 
 __all__ = [
     "Engine", "EngineBusy", "GenerationChunk", "GenerationRequest", "LoadedAdapter", "OfflineEngine",
-    "create_engine", "installed_engine",
+    "adapter_dtype", "create_engine", "installed_engine",
 ]
 
 
@@ -22,6 +22,27 @@ def installed_engine() -> str:
     except ImportError:
         return "hf"
     return "vllm"
+
+
+def adapter_dtype(settings: Settings) -> str:
+    """What adapter tensors are stored in for the engine ``settings`` name (``HYPERGEN_ADAPTER_DTYPE``).
+
+    ``auto``: bfloat16 where the engine keeps LoRA weights in bf16 anyway: vLLM casts a loaded
+    adapter to its own dtype, so for vLLM in bf16 a float32 adapter's low bits never reach a
+    token, and a bf16 one is half the bytes at every step of a miss (blob, transfer from the
+    generator process, Redis, memory tier, folder). transformers + peft upcasts adapters to
+    float32 and computes LoRA there, so it keeps float32, as does everything in float32, and
+    vLLM on a GPU with ``auto`` (it takes the model's own dtype there, which may be float16).
+    """
+    if settings.adapter_dtype != "auto":
+        return settings.adapter_dtype
+    import torch
+
+    from hypergen.base_model import compute_dtype
+
+    on_cpu = not torch.cuda.is_available()  # as VLLMEngine decides where it runs
+    bf16 = settings.dtype == "bfloat16" or (on_cpu and compute_dtype(settings.dtype) == "bfloat16")
+    return "bfloat16" if settings.engine == "vllm" and bf16 else "float32"
 
 
 def create_engine(settings: Settings, model_path: str, max_lora_rank: int) -> Engine:
