@@ -29,6 +29,9 @@ from hypergen.task_items import encode_tasks
 log = logging.getLogger(__name__)
 
 
+ADAPTER_DTYPES = ("float32", "bfloat16")  # what an adapter's tensors may be stored in (HYPERGEN_ADAPTER_DTYPE)
+
+
 def packaged_checkpoint() -> Path:
     """The checkpoint shipped inside the package (may be absent in a source tree before training)."""
     return Path(str(resources.files("hypergen") / "checkpoints" / "default"))
@@ -70,6 +73,8 @@ class HyperGenerator:
         self.base_model = base_model
         self.checkpoint = checkpoint
         self.device = device
+        if adapter_dtype not in ADAPTER_DTYPES:
+            raise HypergenError(f"adapters are stored in one of {', '.join(ADAPTER_DTYPES)}, not {adapter_dtype!r}", "adapter_dtype")
         self.adapter_dtype = adapter_dtype  # what adapters' tensors are stored in (the server: ``engines.adapter_dtype``)
         self._selector: PoolSelector | None = None
         self.last_timings: dict[str, float] = {}  # ms per stage of the last generate_many (benchmarks, profiling)

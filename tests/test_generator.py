@@ -194,6 +194,9 @@ def test_adapters_stored_in_bf16_are_the_float32_ones_rounded_once_in_half_the_b
     blob = stored.to_bytes()
     assert len(blob) < 0.55 * len(exact.to_bytes())
     assert Adapter.from_bytes(blob).tensors[peft_key(0, "q_proj", "A")].dtype == torch.bfloat16
+    with pytest.raises(HypergenError) as err:
+        HyperGenerator(generator.network, generator.encoder, generator.fingerprint, generator.base_model, "x", adapter_dtype="bf16")
+    assert err.value.field == "adapter_dtype"
 
 
 @pytest.mark.parametrize("engine, dtype, cuda, requested, expected", [
