@@ -90,6 +90,13 @@ def generator(smollm_dir: Path) -> HyperGenerator:
     return gen
 
 
+@pytest.fixture(scope="session")
+def bf16_storing_generator(generator: HyperGenerator) -> HyperGenerator:
+    """The same network and encoder, storing adapters in bf16 (HYPERGEN_ADAPTER_DTYPE=bfloat16)."""
+    return HyperGenerator(generator.network, generator.encoder, generator.fingerprint, generator.base_model,
+                          generator.checkpoint, adapter_dtype="bfloat16")
+
+
 @pytest.fixture(scope="module")
 def vllm_llm(smollm_dir: Path):
     """One offline vLLM engine (CPU build) with LoRA enabled, shared by every test that needs it.

@@ -95,19 +95,14 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch, cud
     assert compute_dtype("float32") == "float32" and compute_dtype("bfloat16") == "bfloat16"  # explicit wins
 
 
-def test_vllm_in_bf16_loads_a_bf16_adapter_exactly_as_the_float32_one(generator, tmp_path):
+def test_vllm_in_bf16_loads_a_bf16_adapter_exactly_as_the_float32_one(generator, bf16_storing_generator, tmp_path):
     """Why bf16 blobs lose nothing on a bf16 vLLM engine: its loader rounds every adapter to the
     engine's LoRA dtype (the model's), so both folders become the same tensors."""
     pytest.importorskip("vllm")
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
-    exact = generator.generate(TASKS[0])
-    generator.adapter_dtype = "bfloat16"
-    try:
-        stored = generator.generate(TASKS[0])
-    finally:
-        generator.adapter_dtype = "float32"
+    exact, stored = generator.generate(TASKS[0]), bf16_storing_generator.generate(TASKS[0])
     loaded = []
     for adapter in (exact, stored):
         folder = str(adapter.save_peft(tmp_path / str(adapter.tensors[next(iter(adapter.tensors))].dtype)))

@@ -178,15 +178,10 @@ def test_auto_generation_dtype_follows_the_hardware(monkeypatch, native_bf16, in
         assert err.value.field == "generator_dtype"
 
 
-def test_adapters_stored_in_bf16_are_the_float32_ones_rounded_once_in_half_the_bytes(generator):
+def test_adapters_stored_in_bf16_are_the_float32_ones_rounded_once_in_half_the_bytes(generator, bf16_storing_generator):
     """HYPERGEN_ADAPTER_DTYPE=bfloat16 (a vLLM engine in bf16): computed as before, rounded once when
     the tensors are made, as the engine's own loader would round a float32 adapter."""
-    exact = generator.generate(TASK)
-    generator.adapter_dtype = "bfloat16"
-    try:
-        stored = generator.generate(TASK)
-    finally:
-        generator.adapter_dtype = "float32"
+    exact, stored = generator.generate(TASK), bf16_storing_generator.generate(TASK)
     assert stored.task_hash == exact.task_hash and stored.tensors.keys() == exact.tensors.keys()
     for key, tensor in exact.tensors.items():
         assert stored.tensors[key].dtype == torch.bfloat16
@@ -209,12 +204,12 @@ def test_adapters_stored_in_bf16_are_the_float32_ones_rounded_once_in_half_the_b
     ("vllm", "auto", False, "float32", "float32"),
 ])
 def test_the_stored_adapter_dtype_follows_what_the_engine_keeps(monkeypatch, engine, dtype, cuda, requested, expected):
-    import hypergen.base_model as base_model
+    import hypergen.engines.vllm as vllm_engine
     from hypergen.engines import adapter_dtype
     from hypergen.settings import Settings
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(base_model, "compute_dtype", lambda d: "bfloat16" if d == "auto" else d)  # a host with native bf16
+    monkeypatch.setattr(vllm_engine, "compute_dtype", lambda d: "bfloat16" if d == "auto" else d)  # a host with native bf16
     assert adapter_dtype(Settings(engine=engine, dtype=dtype, adapter_dtype=requested)) == expected
 
 

@@ -36,13 +36,9 @@ def adapter_dtype(settings: Settings) -> str:
     """
     if settings.adapter_dtype != "auto":
         return settings.adapter_dtype
-    import torch
+    from hypergen.engines.vllm import vllm_dtype
 
-    from hypergen.base_model import compute_dtype
-
-    on_cpu = not torch.cuda.is_available()  # as VLLMEngine decides where it runs
-    bf16 = settings.dtype == "bfloat16" or (on_cpu and compute_dtype(settings.dtype) == "bfloat16")
-    return "bfloat16" if settings.engine == "vllm" and bf16 else "float32"
+    return "bfloat16" if settings.engine == "vllm" and vllm_dtype(settings.dtype) == "bfloat16" else "float32"
 
 
 def create_engine(settings: Settings, model_path: str, max_lora_rank: int) -> Engine:

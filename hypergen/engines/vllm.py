@@ -27,6 +27,14 @@ def engine_rank(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_RANKS[-1]})")
 
 
+def vllm_dtype(requested: str = "auto") -> str:
+    """The dtype vLLM is started with: on a CPU ``compute_dtype``'s choice; on a GPU as asked
+    (``auto`` there is vLLM's own: the model's dtype, which may be float16)."""
+    import torch
+
+    return compute_dtype(requested) if not torch.cuda.is_available() else requested
+
+
 @dataclass(eq=False)
 class VLLMEngine(Engine):
     model_path: str
@@ -66,7 +74,7 @@ class VLLMEngine(Engine):
             max_lora_rank=engine_rank(self.max_lora_rank),
             max_cpu_loras=max(self.max_cpu_loras, self.max_loras),
             max_model_len=self.max_model_len,
-            dtype=compute_dtype(self.dtype) if on_cpu else self.dtype,
+            dtype=vllm_dtype(self.dtype),
             enforce_eager=on_cpu,
             disable_log_stats=False,  # also fills per-request timestamps (queue_ms)
             gpu_memory_utilization=self.gpu_memory_utilization,  # ignored on CPU (VLLM_CPU_KVCACHE_SPACE sizes it)
