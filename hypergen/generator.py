@@ -20,6 +20,7 @@ from hypergen.base_model import compute_dtype, load_dims
 from hypergen.encoder import TaskEncoder
 from hypergen.errors import CheckpointError, HypergenError
 from hypergen.hypernet import HyperNetConfig, HyperNetwork, int8_available
+from hypergen.packed_linear import pack_linears
 from hypergen.settings import DEFAULT_BASE_MODEL, DEFAULT_CHECKPOINT, DEFAULT_ENCODER
 from hypergen.spec import LoraSpec
 from hypergen.selection import PoolSelector, Selection
@@ -67,7 +68,7 @@ class HyperGenerator:
         device: str = "cpu",
         adapter_dtype: str = "float32",
     ) -> None:
-        self.network = network.to(device).eval()
+        self.network = pack_linears(network.to(device).eval())  # float32 on a CPU: reordered weights (hypergen/packed_linear.py)
         self.encoder = encoder
         self.fingerprint = fingerprint
         self.base_model = base_model

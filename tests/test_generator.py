@@ -9,6 +9,7 @@ from hypergen.adapter import Adapter, peft_key, tensor_distance, to_blobs
 from hypergen.errors import CheckpointError, CorruptAdapterError, HypergenError
 from hypergen.generator import HyperGenerator, generation_dtype
 from hypergen.hypernet import FORMAT_VERSION, HyperNetConfig, int8_available
+from hypergen.packed_linear import PackedLinear
 from hypergen.task import Demo, Task
 
 TASK = Task("Answer with the antonym of the word.", (Demo("hot", "cold"), Demo("up", "down"), Demo("big", "small")))
@@ -134,7 +135,7 @@ def test_int8_generation_quantizes_only_the_heads_and_keeps_the_adapter_close(ge
     assert fast.compute_dtype == "int8" and fast.info()["hypernetwork_dtype"] == "int8"
     heads = [head for group in fast.network.output_heads() for head in group.values()]
     assert heads and all(type(head) is not torch.nn.Linear for head in heads)  # swapped for int8 ones
-    assert type(fast.network.mix) is torch.nn.Linear and fast.network.mix.weight.dtype == torch.float32  # trunk as is
+    assert type(fast.network.mix) in (torch.nn.Linear, PackedLinear) and fast.network.mix.weight.dtype == torch.float32  # trunk as is
     assert next(fast.encoder.model.parameters()).dtype == torch.float32
     assert fast.fingerprint == exact.fingerprint and fast.task_hash(TASK) == exact.task_hash(TASK)
     shared = exact.shared_adapter().tensors
@@ -151,7 +152,7 @@ def test_a_centred_network_keeps_float32_whatever_the_generation_dtype(smollm_di
     fast = HyperGenerator.from_pretrained("default", dtype=dtype)
     assert exact.network.needs_float32 and fast.info()["hypernetwork_dtype"] == "float32"
     assert all(p.dtype == torch.float32 for p in fast.network.parameters())
-    assert all(type(head) is torch.nn.Linear for group in fast.network.output_heads() for head in group.values())
+    assert all(type(head) in (torch.nn.Linear, PackedLinear) for group in fast.network.output_heads() for head in group.values())  # not int8
     assert fast.info()["encoder_dtype"] == ("bfloat16" if dtype == "bfloat16" else "float32")  # the encoder may round
     shared = exact.shared_adapter().tensors
     a, b = exact.generate(TASK), fast.generate(TASK)
