@@ -53,6 +53,11 @@ class PackedLinear(nn.Linear):
         out = torch.ops.mkldnn._linear_pointwise(flat, packed, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def __getstate__(self) -> dict:
+        """Copies (``copy.deepcopy``) leave the reordered weight behind: it is an opaque oneDNN
+        tensor that cannot be copied, and the copy reorders its own weight on first use."""
+        return {**super().__getstate__(), "_packed": None}
+
     def _reordered(self) -> torch.Tensor | None:
         """The reordered weight, made again whenever the weight changed (None: a weight made under
         ``inference_mode`` has no version counter, so a change could not be seen)."""

@@ -2,6 +2,8 @@
 rounding, same parameters and state dict, gradients through the plain path, in-place edits seen."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -38,6 +40,16 @@ def test_a_weight_edited_in_place_is_reordered_again():
         layer.weight.mul_(2)
         after = layer(x)
     torch.testing.assert_close(after - layer.bias, 2 * (before - layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_model_can_be_deep_copied_and_the_copy_computes_alike():
+    packed = pack_linears(model())
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        expected = packed(x)  # reorders: the opaque tensor now exists
+        twin = copy.deepcopy(packed)
+        torch.testing.assert_close(twin(x), expected)
+    assert twin[0].weight is not packed[0].weight and twin[0]._packed[1] is not packed[0]._packed[1]
 
 
 def test_training_takes_the_plain_path_and_gradients_reach_the_weights():
