@@ -1,10 +1,10 @@
 """Linear layers whose float32 weights are laid out once for oneDNN, for generating on a CPU.
 
-Why: generating one task's adapter runs about 50 small matmuls (a few dozen rows each) against
-weights that together do not fit the CPU's cache (42 MB for the encoder's six layers alone), so
-each call waits on memory. ``torch.nn.functional.linear`` lets MKL repack the weight on every
-call; oneDNN's ``_linear_pointwise`` reads a weight reordered once (``_reorder_linear_weight``),
-as ``torch.compile`` does with frozen weights on a CPU. On an AVX2-only EPYC the encoder's
+Why: generating one task's adapter runs about 50 small matmuls (a few dozen rows each), and at
+that size ``torch.nn.functional.linear`` reached 40-45 GFLOP/s of the ~95 two AVX2 cores sustain
+(MKL repacks the weight on every call, and the encoder's 42 MB of weights leave the cache between
+tasks). oneDNN's ``_linear_pointwise`` reads a weight reordered once (``_reorder_linear_weight``),
+as ``torch.compile`` does with frozen weights on a CPU: 74 GFLOP/s on the same matmuls. On an AVX2-only EPYC the encoder's
 pass for one task took 0.80-0.83x the time (README, Benchmarks), with embeddings equal to
 rounding (cosine 0.9999999), and without ``torch.compile``'s minute of compiling per shape.
 
